@@ -1,0 +1,46 @@
+# One entry point for newcomers and CI. `make setup` is idempotent: it installs only what is missing.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+# Debian packages the project needs on the host. The Python libraries come from Debian too, so the
+# host runs exactly the versions the recovery OS (Debian 12) runs.
+DEB_PACKAGES := python3 python3-venv python3-pip \
+	python3-pyudev python3-parted python3-psutil python3-libarchive-c python3-cryptography \
+	qemu-system-x86 qemu-utils ovmf grub-pc-bin grub-efi-amd64-bin grub-common \
+	mmdebstrap mtools dosfstools e2fsprogs parted libparted-dev pkg-config \
+	libarchive13 zstd xz-utils gzip tar acl attr libcap2-bin cpio uidmap coreutils
+
+.PHONY: setup test test-unit test-vm demo bench reliability clean
+
+setup: .stamp-debs $(VENV)/.stamp
+
+.stamp-debs: Makefile
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "Installing Debian packages:" $$missing; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@touch $@
+
+$(VENV)/.stamp: pyproject.toml .stamp-debs
+	/usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+test-vm: setup
+	$(PY) -m pytest -q -m vm tests
+
+demo: setup
+	$(VENV)/bin/vm demo
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf out .stamp-debs $(VENV)

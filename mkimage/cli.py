@@ -1,0 +1,86 @@
+"""The `mkimage` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from recovery.cli import add_debug, boundary
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from .bundle import generate_keys
+
+    pub = generate_keys(args.dir)
+    print(f"wrote {args.dir / 'signing.pem'} (keep it private) and {pub}")
+    return 0
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from .bundle import create_bundle
+
+    manifest = create_bundle(
+        args.source, args.output, key=args.key, product=args.product, version=args.version,
+        compression=args.compression,
+    )
+    print(f"wrote {args.output}: {manifest.product} {manifest.version}, {manifest.rootfs_files} files")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .build import build
+    from .config import load_config
+
+    build(load_config(args.config, output=args.output))
+    return 0
+
+
+def cmd_recovery(args: argparse.Namespace) -> int:
+    from .build import build_recovery_only
+    from .config import load_config
+
+    build_recovery_only(load_config(args.config, output=args.output))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mkimage", description="Build bundles, the recovery OS and disk images.")
+    add_debug(p)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    k = sub.add_parser("keygen", help="write DIR/signing.pem (private) and DIR/signing.pub")
+    k.add_argument("dir", type=Path)
+    k.set_defaults(run=cmd_keygen)
+
+    b = sub.add_parser("bundle", help="make a signed bundle from a directory or a tar")
+    b.add_argument("--key", type=Path, required=True, help="the private signing key (PEM)")
+    b.add_argument("--product", required=True)
+    b.add_argument("--version", required=True)
+    b.add_argument("--compression", choices=["zstd", "xz", "gzip", "none"], default="zstd")
+    b.add_argument("-o", "--output", type=Path, required=True)
+    b.add_argument("source", type=Path, help="a directory or a tar archive of the system tree")
+    b.set_defaults(run=cmd_bundle)
+
+    for name, fn, text in (
+        ("build", cmd_build, "build the disk image, bundles and recovery OS"),
+        ("recovery", cmd_recovery, "build only the recovery partition, for other image builders"),
+    ):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("-c", "--config", type=Path, help="image.toml (default: the embedded demo config)")
+        c.add_argument("-o", "--output", type=Path, help="output directory (default: out/)")
+        c.set_defaults(run=fn)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return boundary(args.run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Shared test set-up: capability markers that explain a skip instead of passing silently."""
