@@ -316,6 +316,11 @@ def _mount_cfg(config: RecoveryConfig) -> Path:
 def install(config: RecoveryConfig, boot: Boot, console: Console) -> None:
     """The whole install; ends by rebooting (or falls into the rescue shell if it cannot)."""
     cfg = _mount_cfg(config)
+    if not (cfg / INSTRUCTION).exists() and not (cfg / INCOMPLETE).exists():
+        # Chosen from the boot menu with nothing staged: keep the last result, offer the shell.
+        console.say("recovery: no update instruction")
+        rescue(config, console)
+        return
     installer = Installer(config, boot, console, cfg)
     try:
         result = installer.run()
