@@ -1,0 +1,498 @@
+"""Install a verified bundle: erase the system file system, then extract the payload into it with
+libarchive, hashing the payload again on the way and refusing every entry that would land outside.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from ctypes import POINTER, byref, c_char_p, c_int, c_longlong, c_size_t, c_void_p
+from dataclasses import dataclass
+from enum import IntFlag
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+import libarchive.ffi
+
+from .errors import Failed, Rejected
+from .mounts import mounted_at
+from .output import Progress
+from .run import run
+
+if TYPE_CHECKING:
+    from .bundle import VerifiedBundle
+
+log = logging.getLogger(__name__)
+
+# Big reads keep the per-block Python work negligible next to decompression and writing.
+BLOCK = 1024 * 1024
+
+
+# --- libarchive ---------------------------------------------------------------------------------
+# libarchive-c 2.9 wraps only part of the API, and its wrappers turn ARCHIVE_WARN into a log line
+# (a lost setuid bit or capability must fail the install instead), so the calls used here are
+# declared afresh on the library it loaded: `lib[name]` makes new function objects, leaving its own.
+
+_lib = libarchive.ffi.libarchive
+ARCHIVE_EOF, ARCHIVE_OK, ARCHIVE_WARN = 1, 0, -20
+AE_IFMT, AE_IFREG, AE_IFDIR = 0o170000, 0o100000, 0o040000
+
+
+def _fn(name: str, restype: type | None, *argtypes: type) -> ctypes._CFuncPtr:
+    f = _lib[f"archive_{name}"]
+    f.restype = restype
+    f.argtypes = argtypes
+    return f
+
+
+class _A:
+    """The libarchive calls extraction makes, with plain int results."""
+
+    read_new = _fn("read_new", c_void_p)
+    support_tar = _fn("read_support_format_tar", c_int, c_void_p)
+    filters = {
+        "zstd": _fn("read_support_filter_zstd", c_int, c_void_p),
+        "xz": _fn("read_support_filter_xz", c_int, c_void_p),
+        "gzip": _fn("read_support_filter_gzip", c_int, c_void_p),
+    }
+    read_open_fd = _fn("read_open_fd", c_int, c_void_p, c_int, c_size_t)
+    next_header = _fn("read_next_header", c_int, c_void_p, POINTER(c_void_p))
+    data_block = _fn("read_data_block", c_int, c_void_p, POINTER(c_void_p), POINTER(c_size_t), POINTER(c_longlong))
+    read_free = _fn("read_free", c_int, c_void_p)
+    disk_new = _fn("write_disk_new", c_void_p)
+    disk_options = _fn("write_disk_set_options", c_int, c_void_p, c_int)
+    write_header = _fn("write_header", c_int, c_void_p, c_void_p)
+    write_block = _fn("write_data_block", ctypes.c_ssize_t, c_void_p, c_void_p, c_size_t, c_longlong)
+    finish_entry = _fn("write_finish_entry", c_int, c_void_p)
+    write_close = _fn("write_close", c_int, c_void_p)
+    write_free = _fn("write_free", c_int, c_void_p)
+    error_string = _fn("error_string", c_char_p, c_void_p)
+    pathname = _fn("entry_pathname", c_char_p, c_void_p)
+    hardlink = _fn("entry_hardlink", c_char_p, c_void_p)
+    filetype = _fn("entry_filetype", c_int, c_void_p)
+    size = _fn("entry_size", c_longlong, c_void_p)
+    mtime = _fn("entry_mtime", c_longlong, c_void_p)
+    mtime_nsec = _fn("entry_mtime_nsec", ctypes.c_long, c_void_p)
+    atime = _fn("entry_atime", c_longlong, c_void_p)
+    atime_nsec = _fn("entry_atime_nsec", ctypes.c_long, c_void_p)
+    atime_is_set = _fn("entry_atime_is_set", c_int, c_void_p)
+    size_is_set = _fn("entry_size_is_set", c_int, c_void_p)
+
+
+class Extract(IntFlag):
+    """archive_write_disk options (archive.h ARCHIVE_EXTRACT_*)."""
+
+    OWNER = 0x0001
+    PERM = 0x0002
+    TIME = 0x0004
+    ACL = 0x0020
+    XATTR = 0x0080
+    SECURE_SYMLINKS = 0x0100
+    SECURE_NODOTDOT = 0x0200
+    SPARSE = 0x1000
+    SECURE_NOABSOLUTEPATHS = 0x10000
+
+
+# Everything a system tree carries, and libarchive's own confinement checks behind ours. Owners stay
+# numeric (no lookup function is set): the payload's passwd is not the recovery OS's.
+EXTRACT_FLAGS = (
+    Extract.OWNER | Extract.PERM | Extract.TIME | Extract.ACL | Extract.XATTR | Extract.SPARSE
+    | Extract.SECURE_SYMLINKS | Extract.SECURE_NODOTDOT | Extract.SECURE_NOABSOLUTEPATHS
+)
+
+
+def _reason(archive: int) -> str:
+    msg = _A.error_string(archive)
+    return msg.decode(errors="replace") if msg else "unknown libarchive error"
+
+
+def _raw_name_kept(archive: int) -> bool:
+    """Whether a header warning only says a name was not UTF-8: GNU tar stores such names as raw
+    bytes without pax's hdrcharset, and libarchive then keeps the raw bytes, as GNU tar does."""
+    msg = _A.error_string(archive) or b""
+    return b"can't be converted from" in msg
+
+
+def _show(name: bytes) -> str:
+    """A path for a message: readable even when it is not UTF-8."""
+    return name.decode("utf-8", "backslashreplace")
+
+
+# --- confinement --------------------------------------------------------------------------------
+
+
+def _outside(name: bytes) -> str | None:
+    """Why `name` (relative to the target) could point outside the target, or None."""
+    if name.startswith(b"/"):
+        return "absolute path"
+    if b".." in name.split(b"/"):
+        return "'..' in path"
+    return None
+
+
+def _symlinked_parent(name: bytes) -> bytes | None:
+    """The first parent of `name` that is a symbolic link (relative to the cwd), or None."""
+    parts = [p for p in name.split(b"/") if p not in (b"", b".")][:-1]
+    for i in range(1, len(parts) + 1):
+        prefix = b"/".join(parts[:i])
+        try:
+            if stat.S_ISLNK(os.lstat(prefix).st_mode):
+                return prefix
+        except OSError:
+            return None
+    return None
+
+
+def _check_entry(name: bytes, hardlink: bytes | None, filetype: int) -> None:
+    """Refuse an entry before libarchive touches the disk (libarchive's own checks stay on too).
+
+    A system tree never repeats a name, so an existing path means a duplicate entry: an archive
+    replacing a directory by a symlink to write through it later, or hiding what was verified.
+    Only a directory over a directory (an implicit parent made earlier) is fine.
+    """
+    why = _outside(name)
+    if why is None and hardlink is not None and (why := _outside(hardlink)) is not None:
+        why = f"hard link to {_show(hardlink)}: {why}"
+    if why is not None:
+        raise Failed(f"Failed to extract {_show(name)}: {why}")
+    try:
+        existing = os.lstat(name)
+    except OSError:
+        return
+    if stat.S_ISDIR(existing.st_mode) and filetype == AE_IFDIR:
+        return
+    if (link := _symlinked_parent(name)) is not None:
+        raise Failed(f"Failed to extract {_show(name)}: path goes through the symbolic link {_show(link)}")
+    raise Failed(f"Failed to extract {_show(name)}: duplicate entry, the path exists already")
+
+
+# --- the payload stream -------------------------------------------------------------------------
+
+
+class _Feeder(threading.Thread):
+    """Copies exactly `size` payload bytes from the bundle into a pipe, hashing them on the way.
+
+    If the reader goes away early (an extraction error) it keeps reading and hashing, so a changed
+    payload is reported as what it is rather than as whatever broke first.
+    """
+
+    def __init__(self, src: BinaryIO, size: int, pipe: int, progress: Progress | None) -> None:
+        super().__init__(name="payload-feeder", daemon=True)
+        self.src, self.size, self.pipe, self.progress = src, size, pipe, progress
+        self.hash = hashlib.sha256()
+        self.short: int = 0  # bytes missing at the end of the bundle
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        buf = bytearray(BLOCK)
+        view = memoryview(buf)
+        remaining = self.size
+        writing = True
+        try:
+            while remaining and not self.stop.is_set():
+                n = self.src.readinto(view[: min(BLOCK, remaining)])
+                if not n:
+                    self.short = remaining
+                    break
+                chunk = view[:n]
+                self.hash.update(chunk)
+                remaining -= n
+                if self.progress is not None:
+                    self.progress.update(n)
+                while writing and chunk:
+                    try:
+                        chunk = chunk[os.write(self.pipe, chunk) :]
+                    except OSError:  # EPIPE: the reader stopped; keep hashing
+                        writing = False
+        except BaseException as e:  # reported by the main thread
+            self.error = e
+        finally:
+            os.close(self.pipe)
+
+
+class _PayloadStream:
+    """The payload as a readable fd: the tar stream, or the compressed stream plus the libarchive
+    filter to apply. A feeder thread copies and hashes the bytes from the bundle.
+
+    zstd is decompressed by a `zstd -dc` child when the program is there, as GNU tar does: then
+    hashing, decompression and writing files run on different cores.
+    """
+
+    def __init__(self, bundle: VerifiedBundle, progress: Progress | None) -> None:
+        payload = bundle.manifest.payload
+        compression = str(payload.compression)
+        self.filter: str | None = None if compression in ("none", "zstd") else compression
+        if compression not in ("none", *_A.filters):
+            raise Failed(f"payload compression {compression!r} is not supported")
+        self.child: subprocess.Popen[bytes] | None = None
+        self._errors: BinaryIO | None = None
+        src = open(bundle.path, "rb", buffering=0)
+        feed_r, feed_w = os.pipe()
+        try:
+            src.seek(bundle.payload_offset)
+            zstd = shutil.which("zstd") if compression == "zstd" else None
+            if zstd is not None:
+                argv = [zstd, "-dcq", "--no-progress"]
+                log.debug("+ %s", shlex.join(argv))
+                self._errors = tempfile.TemporaryFile()
+                self.child = subprocess.Popen(argv, stdin=feed_r, stdout=subprocess.PIPE, stderr=self._errors)
+                os.close(feed_r)
+                assert self.child.stdout is not None
+                self.fd = self.child.stdout.fileno()
+            else:
+                self.fd = feed_r
+                if compression == "zstd":
+                    self.filter = "zstd"
+        except BaseException:
+            src.close()
+            os.close(feed_w)
+            if self.child is None:
+                os.close(feed_r)
+            raise
+        _grow_pipe(self.fd)
+        self.feeder = _Feeder(src, payload.size, feed_w, progress)
+        self.feeder.start()
+
+    def close(self, *, complete: bool, abort: bool = False) -> Failed | None:
+        """Stop reading and wait for the helpers; return the decompressor's failure, if any.
+
+        If the tar was `complete`, the rest of the stream is read first, so the decompressor finishes
+        and its exit status means something. The feeder hashes to the end unless asked to `abort`.
+        """
+        if abort:
+            self.feeder.stop.set()
+        try:
+            if complete:
+                _drain(self.fd)
+        finally:
+            if self.child is not None:
+                assert self.child.stdout is not None
+                self.child.stdout.close()
+                if not complete:
+                    self.child.kill()
+                self.child.wait()
+            else:
+                os.close(self.fd)
+            self.feeder.join()
+            self.feeder.src.close()
+        failure = None
+        if complete and self.child is not None and self.child.returncode != 0:
+            assert self._errors is not None
+            self._errors.seek(0)
+            tail = self._errors.read().decode(errors="replace").strip().splitlines()[-1:]
+            failure = Failed(f"zstd exited with status {self.child.returncode}" + (f": {tail[0]}" if tail else ""))
+        if self._errors is not None:
+            self._errors.close()
+        return failure
+
+
+def _grow_pipe(fd: int) -> None:
+    """Fewer, larger reads from the pipe (Linux default is 64 KiB)."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, BLOCK)
+    except (OSError, AttributeError):
+        pass
+
+
+def _drain(fd: int) -> None:
+    """Read what follows the tar's end marker, so the decompressor and the feeder can finish."""
+    while os.read(fd, BLOCK):
+        pass
+
+
+# --- extraction ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExtractStats:
+    files: int
+    bytes: int
+
+
+def _is_root(name: bytes) -> bool:
+    return all(part in (b"", b".") for part in name.split(b"/"))
+
+
+def _times(entry: c_void_p) -> tuple[int, int]:
+    """(atime, mtime) of an entry in nanoseconds; a missing atime is taken to be the mtime."""
+    mtime = _A.mtime(entry) * 1_000_000_000 + _A.mtime_nsec(entry)
+    if not _A.atime_is_set(entry):
+        return mtime, mtime
+    return _A.atime(entry) * 1_000_000_000 + _A.atime_nsec(entry), mtime
+
+
+def _extract_stream(fd: int, filt: str | None) -> ExtractStats:
+    """Extract the tar stream on `fd` into the current directory; count entries and file bytes."""
+    a = _A.read_new()
+    d = _A.disk_new()
+    if not a or not d:
+        raise Failed("libarchive: out of memory")
+    entry, buf = c_void_p(), c_void_p()
+    size, offset = c_size_t(), c_longlong()
+    files = nbytes = 0
+    name = previous = b""
+    root_times: tuple[int, int] | None = None
+    try:
+        _A.support_tar(a)
+        if filt is not None:
+            _A.filters[filt](a)
+        _A.disk_options(d, int(EXTRACT_FLAGS))
+        if _A.read_open_fd(a, fd, BLOCK) != ARCHIVE_OK:
+            raise Failed(f"Failed to read payload: {_reason(a)}")
+        while True:
+            r = _A.next_header(a, byref(entry))
+            if r == ARCHIVE_EOF:
+                break
+            name = _A.pathname(entry) or b""
+            if r != ARCHIVE_OK and not (r == ARCHIVE_WARN and _raw_name_kept(a)):
+                raise Failed(f"Failed to extract {_show(name) or 'the entry after ' + _show(previous)}: {_reason(a)}")
+            previous = name
+            filetype = _A.filetype(entry) & AE_IFMT
+            hardlink = _A.hardlink(entry)
+            _check_entry(name, hardlink, filetype)
+            files += 1
+            if filetype == AE_IFREG and hardlink is None:
+                nbytes += _A.size(entry)
+            if _A.write_header(d, entry) != ARCHIVE_OK:
+                raise Failed(f"Failed to extract {_show(name)}: {_reason(d)}")
+            if not _A.size_is_set(entry) or _A.size(entry) > 0:
+                while (r := _A.data_block(a, byref(buf), byref(size), byref(offset))) == ARCHIVE_OK:
+                    if _A.write_block(d, buf, size, offset) != ARCHIVE_OK:
+                        raise Failed(f"Failed to extract {_show(name)}: {_reason(d)}")
+                if r != ARCHIVE_EOF:
+                    raise Failed(f"Failed to extract {_show(name)}: {_reason(a)}")
+            if _A.finish_entry(d) != ARCHIVE_OK:
+                raise Failed(f"Failed to extract {_show(name)}: {_reason(d)}")
+            if filetype == AE_IFDIR and _is_root(name):
+                root_times = _times(entry)
+        # Directory modes and times are set last, here: a read-only directory must not stop its
+        # children from being written.
+        if _A.write_close(d) != ARCHIVE_OK:
+            raise Failed(f"Failed to extract {_show(name)}: {_reason(d)}")
+        # libarchive sets an existing directory's times at once, so for the target itself (which
+        # exists) extracting its children undoes them: set them again at the end, as GNU tar does.
+        if root_times is not None:
+            os.utime(".", ns=root_times, follow_symlinks=False)
+    finally:
+        _A.write_free(d)
+        _A.read_free(a)
+    return ExtractStats(files=files, bytes=nbytes)
+
+
+@contextmanager
+def _working_directory(path: Path) -> Iterator[None]:
+    """libarchive writes relative to the process's cwd, and its confinement checks are relative to it."""
+    old = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.chdir(path)
+        yield
+    finally:
+        os.fchdir(old)
+        os.close(old)
+
+
+def extract_payload(bundle: VerifiedBundle, target: Path, *, progress: Progress | None = None) -> ExtractStats:
+    """Extract the verified bundle's payload into `target`, hashing it again on the way.
+
+    Raises Failed if an entry is refused, libarchive fails, the payload no longer has the verified
+    sha256, or the entries do not add up to the manifest's counts.
+    """
+    manifest = bundle.manifest
+    target = Path(os.path.abspath(target))
+    stats: ExtractStats | None = None
+    failure: Failed | None = None
+    stream = _PayloadStream(bundle, progress)
+    try:
+        with _working_directory(target):
+            stats = _extract_stream(stream.fd, stream.filter)
+    except Failed as e:
+        failure = e
+    except OSError as e:
+        failure = Failed(f"Failed to extract into {target}: {e.strerror or e}")
+    except BaseException:
+        stream.close(complete=False, abort=True)
+        raise
+    failure = stream.close(complete=stats is not None) or failure
+    feeder = stream.feeder
+    if feeder.error is not None:
+        raise Failed(f"Failed to read payload from {bundle.path}: {feeder.error}") from feeder.error
+    if feeder.short:
+        raise Failed(f"bundle {bundle.path} ends {feeder.short} bytes before the end of its payload")
+    if feeder.hash.hexdigest() != manifest.payload.sha256:
+        raise Failed("payload sha256 mismatch during extraction") from failure
+    if failure is not None:
+        raise failure
+    assert stats is not None
+    if (stats.files, stats.bytes) != (manifest.rootfs_files, manifest.rootfs_bytes):
+        raise Failed(
+            f"payload has {stats.files} entries with {stats.bytes} file bytes, "
+            f"the manifest says {manifest.rootfs_files} entries with {manifest.rootfs_bytes} bytes"
+        )
+    return stats
+
+
+def apply_bundle(bundle: VerifiedBundle, target: Path, *, progress: Progress | None = None) -> ExtractStats:
+    """Extract a verified bundle into `target`, which must be an existing empty directory."""
+    check_target(target)
+    return extract_payload(bundle, target, progress=progress)
+
+
+def check_target(target: Path) -> None:
+    """Reject a target that is not an existing, empty directory."""
+    try:
+        if not target.is_dir():
+            raise Rejected(f"target {target} is not a directory" if target.exists() else f"target {target} does not exist")
+        if any(target.iterdir()):
+            raise Rejected(f"target {target} is not empty")
+    except OSError as e:
+        raise Rejected(f"target {target} is unusable: {e.strerror or e}") from None
+
+
+# --- erase --------------------------------------------------------------------------------------
+
+
+def _fs_identity(device: Path) -> tuple[str | None, str | None]:
+    """(label, uuid) of the file system on `device`, read with blkid without trusting its cache."""
+    proc = run(["blkid", "-p", "-o", "export", device], check=False)
+    values = dict(line.split("=", 1) for line in proc.stdout.decode(errors="replace").splitlines() if "=" in line)
+    return values.get("LABEL"), values.get("UUID")
+
+
+def erase(device: Path, *, label: str | None = None, uuid: str | None = None) -> None:
+    """Make a new, empty ext4 file system on `device` (a block device or an image file) that keeps
+    the old one's label and UUID, so fstab and the boot loader still find it.
+
+    Rejected (nothing written) if the device is missing, in use, or its label/UUID are unknown.
+    """
+    device = Path(device)
+    try:
+        st = os.stat(device)
+    except OSError as e:
+        raise Rejected(f"cannot erase {device}: {e.strerror or e}") from None
+    if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise Rejected(f"cannot erase {device}: not a block device or an image file")
+    if where := mounted_at(device):
+        raise Rejected(f"cannot erase {device}: it is in use ({', '.join(where)})")
+    if label is None or uuid is None:
+        old_label, old_uuid = _fs_identity(device)
+        label = old_label if label is None else label
+        uuid = old_uuid if uuid is None else uuid
+    if not uuid:
+        raise Rejected(f"cannot erase {device}: no file system UUID to keep (pass it explicitly)")
+    argv: list[str | os.PathLike[str]] = ["mkfs.ext4", "-F", "-q", "-U", uuid]
+    if label:
+        argv += ["-L", label]
+    run([*argv, device])

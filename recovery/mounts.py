@@ -1,0 +1,110 @@
+"""Is a block device or image file in use? Mounted, a partition of it mounted, or behind a loop device.
+
+Compared by device number and real path, so `/dev/disk/by-label/x`, `/dev/root` and loop-backed image
+files are all recognised, not just the name written in /proc/self/mounts.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import psutil
+
+SYS_BLOCK = Path("/sys/class/block")
+
+
+def _rdev(path: str | os.PathLike[str]) -> int | None:
+    """The device number of a block device node, else None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_rdev if stat.S_ISBLK(st.st_mode) else None
+
+
+def _block_name(rdev: int) -> str | None:
+    """The kernel's name (`sda1`, `loop0`) of a block device number, from sysfs."""
+    link = Path("/sys/dev/block") / f"{os.major(rdev)}:{os.minor(rdev)}"
+    try:
+        return link.resolve(strict=True).name
+    except OSError:
+        return None
+
+
+def _with_partitions(rdev: int) -> set[int]:
+    """`rdev` and the device numbers of its partitions (a whole disk is busy if one of them is)."""
+    numbers = {rdev}
+    name = _block_name(rdev)
+    if name is None:
+        return numbers
+    for child in (SYS_BLOCK / name).glob(f"{name}*/dev"):
+        try:
+            major, minor = child.read_text().strip().split(":")
+        except (OSError, ValueError):
+            continue
+        numbers.add(os.makedev(int(major), int(minor)))
+    return numbers
+
+
+def _loop_devices_of(image: Path) -> set[int]:
+    """Device numbers of the loop devices whose backing file is `image`."""
+    numbers: set[int] = set()
+    real = os.path.realpath(image)
+    try:
+        st = os.stat(image)
+    except OSError:
+        return numbers
+    for backing in SYS_BLOCK.glob("loop*/loop/backing_file"):
+        try:
+            name = backing.read_text().strip()
+        except OSError:
+            continue
+        # The sysfs name is cut at 64 bytes and says "(deleted)" for removed files: compare inodes too.
+        same = name == real
+        if not same:
+            try:
+                same = os.path.samestat(os.stat(name.removesuffix(" (deleted)")), st)
+            except OSError:
+                same = False
+        if same:
+            dev = (backing.parent.parent / "dev").read_text().strip().split(":")
+            numbers.add(os.makedev(int(dev[0]), int(dev[1])))
+    return numbers
+
+
+def mounted_at(target: Path) -> list[str]:
+    """Mount points of file systems on `target` (a block device or an image file), empty if none.
+
+    Also counts mounts of a partition of `target`, of a loop device backed by it, and active swap.
+    """
+    numbers: set[int] = set()
+    rdev = _rdev(target)
+    if rdev is not None:
+        numbers |= _with_partitions(rdev)
+    else:
+        for loop in _loop_devices_of(target):
+            numbers |= _with_partitions(loop)
+    real = os.path.realpath(target)
+    found: list[str] = []
+    for part in psutil.disk_partitions(all=True):
+        if part.device.startswith("/") and (os.path.realpath(part.device) == real or _rdev(part.device) in numbers):
+            found.append(part.mountpoint)
+            continue
+        # Mount tables can name a device that has no node here (`/dev/root`): ask the mount point.
+        try:
+            if os.stat(part.mountpoint).st_dev in numbers:
+                found.append(part.mountpoint)
+        except OSError:
+            continue
+    found += [f"swap ({line.split()[0]})" for line in _swaps() if _rdev(line.split()[0]) in numbers
+              or os.path.realpath(line.split()[0]) == real]
+    return found
+
+
+def _swaps() -> list[str]:
+    try:
+        return Path("/proc/swaps").read_text().splitlines()[1:]
+    except OSError:
+        return []
