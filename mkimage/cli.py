@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from recovery.cli import add_debug, boundary
+from recovery.errors import Rejected
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -45,6 +46,24 @@ def cmd_recovery(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    from .publish import notes_for, publish
+
+    newest_notes = None
+    if args.notes is not None:
+        try:
+            newest_notes = args.notes.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise Rejected(f"cannot read release notes {args.notes}: {e}") from None
+    done = publish(
+        args.bundles, args.output, key=args.key, notes=notes_for(args.notes_for), newest_notes=newest_notes,
+        base_url=args.base_url,
+    )
+    listed = ", ".join(r.version for r in sorted(done.feed.releases, key=lambda r: r.key, reverse=True))
+    print(f"published {', '.join(done.added)} in {done.directory}: {done.feed.product} feed lists {listed}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mkimage", description="Build bundles, the recovery OS and disk images.")
     add_debug(p)
@@ -62,6 +81,16 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", type=Path, required=True)
     b.add_argument("source", type=Path, help="a directory or a tar archive of the system tree")
     b.set_defaults(run=cmd_bundle)
+
+    pub = sub.add_parser("publish", help="write a directory for a web server: bundles, signed releases.json, RSS")
+    pub.add_argument("--key", type=Path, required=True, help="the private signing key (PEM) the bundles carry")
+    pub.add_argument("-o", "--output", type=Path, required=True, help="the directory to publish into")
+    pub.add_argument("--notes", type=Path, help="release notes (a text file) for the newest bundle given")
+    pub.add_argument("--notes-for", action="append", default=[], metavar="VERSION=TEXT",
+                     help="release notes for one version (repeatable)")
+    pub.add_argument("--base-url", help="where the directory will be served, for absolute links in the RSS feed")
+    pub.add_argument("bundles", type=Path, nargs="+", metavar="BUNDLE")
+    pub.set_defaults(run=cmd_publish)
 
     for name, fn, text in (
         ("build", cmd_build, "build the disk image, bundles and recovery OS"),
