@@ -1,0 +1,200 @@
+"""Release feeds: `releases.json`, signed like a bundle's manifest (`releases.json.sig`), and version order.
+
+`mkimage publish` writes a feed; `updatectl check` and `install --latest` read one. Nothing in a feed
+is believed before its signature is checked against the system's keyring.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from functools import total_ordering
+from typing import Any
+
+from .bundle import Signature
+from .download import Source, fetch
+from .errors import Rejected
+from .keys import Keyring
+
+FEED_NAME = "releases.json"
+SIGNATURE_SUFFIX = ".sig"
+FORMAT = 1
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_PART = re.compile(r"\d+|[A-Za-z]+")
+
+
+@total_ordering
+@dataclass(frozen=True)
+class Version:
+    """A release version compared the way people read them: `1.10.0 > 1.9.0`, `2.0.0 > 2.0.0-rc1`.
+
+    The release part (before `-` or `+`) compares by its dotted parts, numbers as numbers; a version
+    with a pre-release suffix sorts before the same version without one; `+build` data is ignored.
+    """
+
+    text: str
+
+    @staticmethod
+    def _parts(text: str) -> tuple[tuple[int, int | str], ...]:
+        # Numbers sort before words at the same position, so `1.0.1` > `1.0.beta` stays predictable.
+        return tuple((0, int(p)) if p.isdigit() else (1, p.lower()) for p in _PART.findall(text))
+
+    def _key(self) -> tuple[Any, ...]:
+        core, _, _build = self.text.partition("+")
+        release, dash, pre = core.partition("-")
+        parts = list(self._parts(release))
+        while parts and parts[-1] == (0, 0):  # 1.0 == 1.0.0
+            parts.pop()
+        return (tuple(parts), (0, self._parts(pre)) if dash else (1, ()))
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, Version):
+            return NotImplemented
+        return self._key() < other._key()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Version):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class Release:
+    version: str
+    file: str  # relative to the feed's own URL (or an absolute URL)
+    size: int
+    sha256: str
+    created: str
+    notes: str = ""
+
+    @classmethod
+    def from_dict(cls, data: object, index: int) -> Release:
+        what = f"release feed: release {index + 1}"
+        if not isinstance(data, dict):
+            raise Rejected(f"{what} is not an object")
+        missing = [k for k in ("version", "file", "size", "sha256", "created") if k not in data]
+        if missing:
+            raise Rejected(f"{what} lacks {', '.join(missing)}")
+        version, file, size, sha256 = data["version"], data["file"], data["size"], data["sha256"]
+        created, notes = data["created"], data.get("notes", "")
+        if not isinstance(version, str) or not version:
+            raise Rejected(f"{what}: version must be a non-empty string")
+        if not isinstance(file, str) or not file:
+            raise Rejected(f"{what}: file must be a non-empty string")
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise Rejected(f"{what}: size must be a positive number of bytes")
+        if not isinstance(sha256, str) or not _HEX64.fullmatch(sha256):
+            raise Rejected(f"{what}: sha256 must be 64 lowercase hex digits")
+        if not isinstance(created, str):
+            raise Rejected(f"{what}: created must be an ISO 8601 time stamp")
+        try:
+            datetime.fromisoformat(created)
+        except ValueError:
+            raise Rejected(f"{what}: created {created!r} is not an ISO 8601 time stamp") from None
+        if not isinstance(notes, str):
+            raise Rejected(f"{what}: notes must be a string")
+        return cls(version, file, size, sha256, created, notes)
+
+    @property
+    def key(self) -> Version:
+        return Version(self.version)
+
+
+@dataclass(frozen=True)
+class Feed:
+    product: str
+    releases: tuple[Release, ...]
+    updated: str | None = None
+
+    def newest(self) -> Release | None:
+        return max(self.releases, key=lambda r: r.key, default=None)
+
+    def find(self, version: str) -> Release | None:
+        return next((r for r in self.releases if r.version == version), None)
+
+    def to_json(self) -> bytes:
+        """The exact bytes that get published and signed; releases newest first, for people reading it."""
+        doc = {
+            "format": FORMAT,
+            "product": self.product,
+            "updated": self.updated,
+            "releases": [asdict(r) for r in sorted(self.releases, key=lambda r: r.key, reverse=True)],
+        }
+        return (json.dumps(doc, indent=2) + "\n").encode()
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Feed:
+        """Parse a feed's bytes (already verified); Rejected with the reason when it is not a feed."""
+        try:
+            doc = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise Rejected(f"release feed is not JSON: {e}") from None
+        if not isinstance(doc, dict):
+            raise Rejected("release feed is not a JSON object")
+        if doc.get("format") != FORMAT:
+            raise Rejected(f"release feed has format {doc.get('format')!r}; this updater reads format {FORMAT}")
+        product = doc.get("product")
+        if not isinstance(product, str) or not product:
+            raise Rejected("release feed names no product")
+        releases = doc.get("releases")
+        if not isinstance(releases, list):
+            raise Rejected("release feed has no releases list")
+        updated = doc.get("updated")
+        parsed = tuple(Release.from_dict(r, i) for i, r in enumerate(releases))
+        seen: set[str] = set()
+        for r in parsed:
+            if r.version in seen:
+                raise Rejected(f"release feed lists version {r.version} twice")
+            seen.add(r.version)
+        return cls(product, parsed, updated if isinstance(updated, str) else None)
+
+
+def feed_source(location: str) -> Source:
+    """`releases.json` at `location`, or below it when it names a directory (a path, or a URL ending in /)."""
+    source = Source.parse(location)
+    if source.path is not None and source.path.is_dir():
+        return Source.parse(str(source.path / FEED_NAME))
+    if source.path is None and source.url.endswith("/"):
+        return source.join(FEED_NAME)
+    return source
+
+
+def verify_feed(raw: bytes, signature: bytes, keyring: Keyring) -> str:
+    """Check the detached signature over the feed's exact bytes; returns the keyid, Rejected otherwise."""
+    try:
+        sig = Signature.parse(signature)
+    except Rejected as e:
+        raise Rejected(f"release feed signature is malformed: {e}") from None
+    if sig.keyid not in keyring:
+        raise Rejected(f"release feed signed by unknown key {sig.keyid}")
+    try:
+        keyring.verify(sig.keyid, sig.signature, raw)
+    except Rejected:
+        raise Rejected(f"bad signature: {FEED_NAME} was not signed by key {sig.keyid}") from None
+    return sig.keyid
+
+
+def load_feed(location: str, keyring: Keyring, *, product: str) -> tuple[Feed, Source]:
+    """Fetch, verify and parse the feed at `location` for `product`; returns it and where it came from."""
+    source = feed_source(location)
+    raw = fetch(source)
+    try:
+        signature = fetch(Source.parse(source.url + SIGNATURE_SUFFIX), limit=64 * 1024)
+    except Rejected as e:
+        raise Rejected(f"release feed {source} is unsigned: {e}") from None
+    verify_feed(raw, signature, keyring)
+    feed = Feed.parse(raw)
+    if feed.product != product:
+        raise Rejected(f"wrong product: the release feed is for {feed.product}, this system is {product}")
+    if not feed.releases:
+        raise Rejected(f"release feed {source} lists no releases")
+    return feed, source

@@ -1,0 +1,357 @@
+"""`updatectl`, the running system's side of an update: fetch and verify a bundle, stage it, reboot.
+
+The plan reads in the order of the cycle: fetch into storage, verify in full (the recovery's own
+checks), name the bundle's final place, write the instruction atomically, then reboot into the recovery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import fcntl
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from .atomic import durable_unlink, fsync_dir
+from .cli import add_debug, boundary
+from .download import PARTIAL, FreeSpace, Source, download, free_space
+from .errors import Failed, Rejected, UpdateError
+from .feed import Feed, Release, Version, load_feed
+from .keys import Keyring
+from .output import MiB, Progress, step
+from .run import run
+from .status import now, read_result
+from .sysconfig import SystemConfig
+
+if TYPE_CHECKING:
+    from .bundle import VerifiedBundle
+
+log = logging.getLogger("recovery.updatectl")
+
+LOCK = ".updatectl.lock"
+BUNDLE_SUFFIX = ".bundle"
+
+Reboot = Callable[[], None]
+
+
+def reboot_system() -> None:
+    """Reboot into the recovery: through systemd when it runs (a clean shutdown), else sync + reboot(2)."""
+    if Path("/run/systemd/system").exists():
+        run(["systemctl", "reboot"])
+        return
+    os.sync()
+    libc = ctypes.CDLL(None, use_errno=True)
+    RB_AUTOBOOT = 0x01234567
+    if libc.reboot(RB_AUTOBOOT) != 0:
+        err = ctypes.get_errno()
+        raise Failed(f"reboot failed: {os.strerror(err)}; the update is staged, reboot by hand to install it")
+
+
+@dataclass(frozen=True)
+class Staged:
+    """What `install` left for the recovery: the bundle on storage and the instruction naming it."""
+
+    product: str
+    version: str
+    bundle: Path  # on this system
+    file: PurePosixPath  # the same file as the recovery names it on the storage disk
+    sha256: str
+    running: str | None
+
+
+@dataclass(frozen=True)
+class Updater:
+    """Everything `updatectl` does, on one configuration; the side effects a test must control are fields."""
+
+    config: SystemConfig
+    reboot: Reboot = reboot_system
+    free: FreeSpace = free_space
+    progress: bool = True
+
+    # --- install ---------------------------------------------------------------------------------
+
+    def install(self, location: str, *, force: bool = False, release: Release | None = None,
+                source: Source | None = None) -> Staged:
+        """Fetch, verify and stage the bundle at `location`; the instruction is written last.
+
+        `release` (from a verified feed) adds its version and sha256 to what the bundle must match.
+        """
+        config = self.config
+        source = source or Source.parse(location)
+        keyring = Keyring.load(config.keys)  # before any download: a system without keys cannot verify
+        directory = config.bundle_dir
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise Rejected(f"cannot create {directory}: {e.strerror or e}") from None
+        with self._lock(directory):
+            in_place = self._in_storage(source)
+            if in_place is not None:
+                bundle, owned = in_place, False
+                log.info("%s already lies on the storage partition: staging it in place", bundle)
+            else:
+                bundle, owned = self._fetch(source, directory, release), True
+            try:
+                verified = self._verify(bundle, keyring, release, force=force)
+                if owned:
+                    final = directory / source.name
+                    os.replace(bundle, final)
+                    fsync_dir(directory)
+                    bundle = final
+                staged = Staged(
+                    product=verified.manifest.product, version=verified.manifest.version, bundle=bundle,
+                    file=self._path_on_storage(bundle), sha256=verified.sha256 or "",
+                    running=self.config.running_version(),
+                )
+                self._write_instruction(staged)
+            except BaseException as e:
+                # A bundle that is not staged is of no use and takes space: it goes. One the operator put
+                # on storage is not ours to delete; a verification stopped by the operator proves nothing.
+                if owned and isinstance(e, UpdateError):
+                    durable_unlink(bundle)
+                raise
+            self._prune(directory, keep=bundle)
+        return staged
+
+    def _in_storage(self, source: Source) -> Path | None:
+        """The local file itself when it lies on the storage partition already (no copy is needed)."""
+        if source.path is None:
+            return None
+        try:
+            path = source.path.resolve(strict=True)
+            storage = self.config.storage.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return None  # a missing file is reported by the copy, with its reason
+        if not path.is_relative_to(storage) or path.name.endswith(PARTIAL):
+            return None
+        try:
+            # Another file system mounted below the storage mount is not the storage partition.
+            if path.stat().st_dev != storage.stat().st_dev:
+                return None
+        except OSError:
+            return None
+        return path
+
+    def _fetch(self, source: Source, directory: Path, release: Release | None) -> Path:
+        name = source.name
+        partial = directory / (name + PARTIAL)
+        verb = "Downloading" if source.scheme.remote else "Copying"
+        with step(f"{verb} {source} to {directory}"):
+            transfer = download(
+                source, partial, where=self.config.storage, size=release.size if release else None,
+                free=self.free, progress=self.progress,
+            )
+        log.info("%s: %.1f MiB%s", name, transfer.size / MiB,
+                 f", resumed at {transfer.resumed_at / MiB:.1f} MiB" if transfer.resumed_at else "")
+        return transfer.path
+
+    def _verify(self, bundle: Path, keyring: Keyring, release: Release | None, *, force: bool) -> VerifiedBundle:
+        from .bundle import verify_bundle
+
+        size = bundle.stat().st_size
+        with step(f"Verifying {bundle.name}"):
+            verified = verify_bundle(
+                bundle, keyring, product=self.config.product,
+                version=release.version if release else None,
+                sha256=release.sha256 if release else None,
+                compute_sha256=True,
+                progress=Progress(size, f"verifying {bundle.name}") if self.progress else None,
+            )
+        version = Version(verified.manifest.version)
+        running = self.config.running_version()
+        if running is not None and version == Version(running) and not force:
+            raise Rejected(f"{verified.manifest.version} is already running (use --force to install it again)")
+        if running is not None and version < Version(running):
+            log.warning("this is a downgrade: %s is running, the bundle carries %s", running, version)
+        return verified
+
+    def _path_on_storage(self, bundle: Path) -> PurePosixPath:
+        """The bundle's path as the recovery names it: absolute on the storage disk."""
+        relative = bundle.resolve().relative_to(self.config.storage.resolve())
+        return PurePosixPath("/") / relative.as_posix()
+
+    def _write_instruction(self, staged: Staged) -> None:
+        from .instruction import Instruction, write_instruction
+
+        instruction = Instruction.create(
+            disk=self.config.storage_disk, file=str(staged.file), sha256=staged.sha256,
+            version=staged.version, created=now(),
+        )
+        try:
+            write_instruction(self.config.instruction, instruction)
+        except OSError as e:
+            raise Failed(f"cannot write the update instruction {self.config.instruction}: {e.strerror or e}") from None
+
+    def _prune(self, directory: Path, *, keep: Path) -> None:
+        """Only the staged bundle is of use now: older bundles and stale partial downloads go."""
+        for path in directory.iterdir():
+            if path == keep or not path.is_file() or path.name.startswith("."):
+                continue
+            if path.name.endswith(BUNDLE_SUFFIX) or path.name.endswith(PARTIAL):
+                log.info("removing %s, which the staged update replaces", path.name)
+                try:
+                    path.unlink()
+                except OSError as e:
+                    log.warning("cannot remove %s: %s", path, e.strerror or e)
+
+    @contextmanager
+    def _lock(self, directory: Path) -> Iterator[None]:
+        # Two installs at once would write one partial file from two places and race on the instruction.
+        fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise Rejected("another updatectl install is running") from None
+                raise
+            yield
+        finally:
+            os.close(fd)
+
+    # --- feeds -----------------------------------------------------------------------------------
+
+    def check(self, location: str) -> tuple[Feed, Source, Release, str | None]:
+        feed, source = load_feed(location, Keyring.load(self.config.keys), product=self.config.product)
+        newest = feed.newest()
+        assert newest is not None  # load_feed rejects an empty feed
+        return feed, source, newest, self.config.running_version()
+
+    # --- status ----------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The running version, any staged update and the last recovery result, as plain data."""
+        from .instruction import read_instruction
+
+        staged: dict[str, Any] | None = None
+        problem: str | None = None
+        if self.config.instruction.exists():
+            try:
+                staged = read_instruction(self.config.instruction).to_dict()
+            except UpdateError as e:
+                problem = str(e)
+        result = read_result(self.config.cfg)
+        last: dict[str, Any] | None = None
+        if result is not None:
+            last = json.loads(result.to_json())
+            last["summary"] = result.summary()
+        return {
+            "product": self.config.product,
+            "version": self.config.running_version(),
+            "staged": staged,
+            "staged_error": problem,
+            "last_result": last,
+        }
+
+
+def newer(release: Release, running: str | None) -> bool:
+    return running is None or Version(release.version) > Version(running)
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def _updater(args: argparse.Namespace) -> Updater:
+    return Updater(SystemConfig.load(args.config), reboot=args.reboot_fn)
+
+
+def _finish(args: argparse.Namespace, updater: Updater, staged: Staged) -> int:
+    print(f"staged {staged.product} {staged.version} ({staged.file} on {updater.config.storage_disk})")
+    if args.no_reboot:
+        print("not rebooting (--no-reboot): the update is installed at the next reboot")
+        return 0
+    print("rebooting into the recovery to install it")
+    sys.stdout.flush()
+    updater.reboot()
+    return 0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    updater = _updater(args)
+    if args.latest:
+        feed, source, newest, running = updater.check(args.source)
+        if not newer(newest, running) and not args.force:
+            print(f"up to date: {running} is running, the newest release is {newest.version}")
+            return 0
+        staged = updater.install(newest.file, release=newest, source=source.join(newest.file), force=args.force)
+    else:
+        staged = updater.install(args.source, force=args.force)
+    return _finish(args, updater, staged)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    _feed, _source, newest, running = _updater(args).check(args.feed)
+    if newer(newest, running):
+        print(f"update available: {newest.version} (running {running or 'an unknown version'})")
+        if newest.notes:
+            for line in newest.notes.strip().splitlines():
+                print(f"  {line}")
+    else:
+        print(f"up to date: {running} is running, the newest release is {newest.version}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state = _updater(args).status()
+    if args.json:
+        print(json.dumps(state, indent=2, sort_keys=True))
+        return 0
+    print(f"running: {state['product']} {state['version'] or '(unknown version)'}")
+    staged = state["staged"]
+    if staged is not None:
+        tries = f", tried {staged['try_count']} time(s)" if staged.get("try_count") else ""
+        print(f"staged: {staged['version']} from {staged['file']} on {staged['disk']}{tries}; "
+              "installed at the next reboot")
+    elif state["staged_error"]:
+        print(f"staged: unreadable instruction: {state['staged_error']}")
+    else:
+        print("staged: nothing")
+    last = state["last_result"]
+    print(f"last update: {last['summary'] if last else 'none recorded'}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="updatectl", description="Stage updates for the recovery to install.")
+    add_debug(p)
+    p.add_argument("--config", type=Path, default=None,
+                   help="system configuration (default: $UPDATECTL_CONFIG or /etc/recovery/system.toml)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    i = sub.add_parser("install", help="download, verify and stage a bundle, then reboot to install it")
+    i.add_argument("source", metavar="URL|FILE", help="a bundle (http, https, file:// or a path); with --latest, a feed")
+    i.add_argument("--latest", action="store_true", help="SOURCE is a release feed: install its newest release")
+    i.add_argument("--no-reboot", action="store_true", help="stop after staging; install at the next reboot")
+    i.add_argument("--force", action="store_true", help="install even the version that is running")
+    i.set_defaults(run=cmd_install)
+
+    c = sub.add_parser("check", help="say whether a release feed has a newer release")
+    c.add_argument("feed", metavar="FEED", help="releases.json (URL or path), or the directory holding it")
+    c.set_defaults(run=cmd_check)
+
+    s = sub.add_parser("status", help="the running version, a staged update, the last recovery result")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=cmd_status)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, *, reboot: Reboot = reboot_system) -> int:
+    """The console script; `reboot` is what a test replaces so that it never reboots its host."""
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    args.reboot_fn = reboot
+    return boundary(args.run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
