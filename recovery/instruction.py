@@ -452,5 +452,10 @@ def clear_try(path: str | Path) -> Instruction:
         return instruction
     env = parse_envblock(data)
     del env[KEY_TRY]
-    _replace(path, format_envblock(env))
+    try:
+        block = format_envblock(env)
+    except Rejected as e:
+        raise e.context("instruction") from None
+    _check_room(block, None)
+    _replace(path, block)
     return replace(instruction, try_count=None)
