@@ -1,0 +1,148 @@
+"""`mkimage build` and `mkimage recovery`: the whole appliance image, or only its recovery partition."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from recovery.errors import Rejected
+from recovery.output import step
+
+from .config import ImageConfig, MiB
+from .disk import Placement, assemble, make_ext4
+from .grub import BOOTLOADER, esp_volume_id, install_bios, make_core_images
+from .recoveryos import build_recovery_os
+from .system import build_system_base, prepare_system_tree
+
+log = logging.getLogger(__name__)
+
+# What `mkimage recovery` writes for other image builders: source it from their grub.cfg.
+GRUB_SNIPPET = "grub-recovery.cfg"
+RECOVERY_IMAGE = "recovery.ext4"
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    config: ImageConfig
+    disk: Path
+    bundles: dict[str, Path]  # version -> bundle
+    keys: Path  # holds signing.pub (and signing.pem if generated)
+    recovery: Path  # DIR/recovery/
+
+
+def build(config: ImageConfig) -> BuildResult:
+    """Build DIR/disk.img, a bundle per release, DIR/keys/ and DIR/recovery/ (DIR: config.output)."""
+    from .bundle import create_bundle
+
+    out = config.output
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / ".work"
+    with step(f"Building {config.product} {config.version} ({config.firmware}) into {out}"):
+        _clean(work)
+        keys_dir, private = _signing_keys(config, out)
+        public = sorted(keys_dir.glob("*.pub"))
+        recovery_dir = _recovery_partition(config, public, out / "recovery", work)
+        base = build_system_base(config)
+        bundles: dict[str, Path] = {}
+        versions = list(dict.fromkeys([config.version, *config.releases]))
+        for version in versions:
+            tree = prepare_system_tree(base, config, version, work / f"system-{version}", public)
+            if version in config.releases:
+                bundle = out / f"{config.product}-{version}.bundle"
+                with step(f"Making the bundle {bundle.name}"):
+                    create_bundle(tree, bundle, key=private, product=config.product, version=version)
+                bundles[version] = bundle
+            if version != config.version:
+                shutil.rmtree(tree)
+        disk = _disk_image(config, out, work, recovery_dir, work / f"system-{config.version}")
+        _clean(work)
+    log.info("built %s, %s, keys in %s", disk, ", ".join(str(b) for b in bundles.values()), keys_dir)
+    return BuildResult(config=config, disk=disk, bundles=bundles, keys=keys_dir, recovery=recovery_dir)
+
+
+def build_recovery_only(config: ImageConfig) -> Path:
+    """DIR/recovery/: vmlinuz, initrd.img, an ext4 image of the partition and the GRUB snippet."""
+    out = config.output
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / ".work"
+    with step(f"Building the recovery partition of {config.product} into {out / 'recovery'}"):
+        _clean(work)
+        keys_dir, _ = _signing_keys(config, out)
+        recovery_dir = _recovery_partition(config, sorted(keys_dir.glob("*.pub")), out / "recovery", work)
+        _clean(work)
+    return recovery_dir
+
+
+def _recovery_partition(config: ImageConfig, keys: list[Path], dest: Path, work: Path) -> Path:
+    """The recovery OS in `dest`, its partition as an ext4 image and the GRUB snippet beside it."""
+    _clean(dest)
+    with step("Building the recovery OS"):
+        build_recovery_os(config, keys, dest, work)
+    contents = work / "recovery-partition"
+    _clean(contents)
+    contents.mkdir(parents=True)
+    for name in ("vmlinuz", "initrd.img"):
+        shutil.copy2(dest / name, contents / name)
+    shutil.copy2(BOOTLOADER / "recovery.cfg", dest / GRUB_SNIPPET)
+    with step(f"Making the recovery partition image {RECOVERY_IMAGE}"):
+        image = dest / RECOVERY_IMAGE
+        with open(image, "wb") as f:
+            f.truncate(config.partitions.recovery)
+        make_ext4(image, Placement(4, "recovery", 0, config.partitions.recovery), label="recovery", root=contents)
+    return dest
+
+
+def _signing_keys(config: ImageConfig, out: Path) -> tuple[Path, Path]:
+    """DIR/keys/ with signing.pub, and the private key to sign with (which never enters an image)."""
+    from .bundle import generate_keys
+
+    keys = out / "keys"
+    if config.key_dir is None:
+        if (keys / "signing.pem").exists() and (keys / "signing.pub").exists():
+            log.warning("using the development signing key %s from an earlier build", keys / "signing.pem")
+        else:
+            _clean(keys)
+            generate_keys(keys)
+            log.warning("generated a development signing key in %s: configure key_dir for real releases", keys)
+        return keys, keys / "signing.pem"
+    private, public = config.key_dir / "signing.pem", config.key_dir / "signing.pub"
+    for path in (private, public):
+        if not path.is_file():
+            raise Rejected(f"key_dir {config.key_dir} lacks {path.name} (make both with `mkimage keygen DIR`)")
+    _clean(keys)
+    keys.mkdir(parents=True)
+    shutil.copy2(public, keys / "signing.pub")
+    return keys, private
+
+
+def _disk_image(config: ImageConfig, out: Path, work: Path, recovery_dir: Path, system_tree: Path) -> Path:
+    volume_id = esp_volume_id(config.product)
+    cores = make_core_images(config.firmware, volume_id, work / "grub")
+    esp_files = {"grub/grub.cfg": BOOTLOADER / "grub.cfg", "grub/recovery.cfg": BOOTLOADER / "recovery.cfg"}
+    if cores.efi is not None:
+        esp_files["EFI/BOOT/BOOTX64.EFI"] = cores.efi
+    cfg_dir = work / "cfg"
+    (cfg_dir / "recovery").mkdir(parents=True)
+    recovery_contents = work / "recovery-partition"
+    partial = out / "disk.img.partial"
+    placements = assemble(
+        partial, config, esp_files=esp_files, esp_volume_id=volume_id, recovery_dir=recovery_contents,
+        system_dir=system_tree, cfg_dir=cfg_dir,
+    )
+    if cores.bios is not None:
+        with step("Installing GRUB for BIOS (boot.img in the MBR, core.img in the bios partition)"):
+            bios = next(p for p in placements if p.name == "bios")
+            install_bios(partial, cores.bios, bios.offset)
+    disk = out / "disk.img"
+    partial.rename(disk)
+    log.info("%s: %d MiB (sparse)", disk, config.disk_size // MiB)
+    return disk
+
+
+def _clean(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

@@ -1,0 +1,198 @@
+"""The demo system: a small Debian that boots fast under TCG, runs `updatectl` and says when it is up."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from recovery.output import step
+from recovery.run import run
+
+from .config import ImageConfig
+from .modules import SYSTEM_MODULES, trim_modules
+from .rootfs import RootfsSpec, build_rootfs, kernel_version
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Only what a virtual or plain PC disk needs at boot: initramfs-tools' "most" would make the
+# initrd several times bigger and GRUB slower to load it.
+INITRAMFS_CONF = "MODULES=list\nCOMPRESS=zstd\nCOMPRESSLEVEL=3\n"
+INITRAMFS_HOOK = """#!/bin/sh
+# Added by mkimage: the disk and file system drivers the system's root may need.
+[ "$1" = prereqs ] && exit 0
+. /usr/share/initramfs-tools/hook-functions
+for m in virtio_pci virtio_blk virtio_scsi sd_mod ahci ata_piix nvme ext4 crc32c_generic; do
+    manual_add_modules "$m"
+done
+"""
+
+# Units that only cost boot time on an appliance without network time, package updates or logins.
+MASKED_UNITS = (
+    "apt-daily.timer", "apt-daily-upgrade.timer", "apt-daily.service", "apt-daily-upgrade.service",
+    "e2scrub_all.timer", "e2scrub_reap.service", "fstrim.timer", "systemd-firstboot.service",
+    "systemd-logind.service", "getty@tty1.service", "systemd-timesyncd.service",
+    "systemd-networkd-wait-online.service", "systemd-pstore.service", "console-setup.service",
+    "keyboard-setup.service", "systemd-hwdb-update.service", "ldconfig.service",
+)
+
+SERIAL_AUTOLOGIN = """[Service]
+# The test rig and an operator on the serial line get a root shell without a password.
+ExecStart=
+ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200,57600,38400,9600 %I $TERM
+"""
+
+NETWORK = """[Match]
+Name=en* eth*
+
+[Network]
+DHCP=yes
+"""
+
+FSTAB = """# <file system>  <mount point>  <type>  <options>  <dump>  <pass>
+PARTLABEL=system   /         ext4  rw,noatime                   0  0
+PARTLABEL=cfg      /cfg      ext4  rw,noatime,nofail            0  0
+PARTLABEL=storage  /storage  ext4  rw,noatime,nofail            0  0
+"""
+
+JOURNALD = """[Journal]
+# Logs live in RAM: the system partition is replaced wholesale by the next update anyway.
+Storage=volatile
+"""
+
+
+def system_spec(config: ImageConfig) -> RootfsSpec:
+    return RootfsSpec(
+        name="system",
+        suite=config.suite,
+        sources=config.apt_sources,
+        packages=config.system_packages,
+        files=(
+            ("etc/initramfs-tools/conf.d/mkimage.conf", INITRAMFS_CONF),
+            ("etc/initramfs-tools/hooks/mkimage", INITRAMFS_HOOK),
+        ),
+        hooks=(
+            'chmod 0755 "$1/etc/initramfs-tools/hooks/mkimage"',
+            # The hook came in before the kernel but let the initrd be rebuilt with it for certain.
+            'chroot "$1" update-initramfs -u -k all',
+        ),
+    )
+
+
+def build_system_base(config: ImageConfig) -> Path:
+    """The cached Debian part of the system root, the same for every release."""
+    return build_rootfs(system_spec(config), config.cache)
+
+
+def prepare_system_tree(base: Path, config: ImageConfig, version: str, dest: Path, keys: list[Path]) -> Path:
+    """Copy the cached base to `dest` and make it release `version` of the product.
+
+    `keys` are the public keys `updatectl` trusts.
+    """
+    with step(f"Preparing the system tree {config.product} {version}"):
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        run(["cp", "-a", "--reflink=auto", base, dest])
+        kver = kernel_version(dest)
+        trim_modules(dest, kver, SYSTEM_MODULES)
+        _boot_links(dest, kver)
+        _write(dest / "usr/lib/os-release", _os_release(config, version))
+        _write(dest / "etc/hostname", config.product + "\n")
+        _write(dest / "etc/fstab", FSTAB)
+        for mountpoint in ("cfg", "storage"):
+            (dest / mountpoint).mkdir(exist_ok=True)
+        _write(dest / "etc/profile.d/zz-appliance-ready.sh", _ready_script(config, version))
+        _write(dest / "etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf", SERIAL_AUTOLOGIN)
+        _write(dest / "etc/systemd/network/50-dhcp.network", NETWORK)
+        _write(dest / "etc/systemd/journald.conf.d/volatile.conf", JOURNALD)
+        for unit in MASKED_UNITS:
+            link = dest / "etc/systemd/system" / unit
+            link.unlink(missing_ok=True)
+            link.symlink_to("/dev/null")
+        wants = dest / "etc/systemd/system/multi-user.target.wants/systemd-networkd.service"
+        wants.parent.mkdir(parents=True, exist_ok=True)
+        wants.unlink(missing_ok=True)
+        wants.symlink_to("/lib/systemd/system/systemd-networkd.service")
+        _write(dest / "etc/machine-id", "")
+        _write(dest / "etc/recovery/system.toml", _system_toml(config))
+        for key in keys:
+            (dest / "etc/recovery/keys").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(key, dest / "etc/recovery/keys" / key.name)
+        install_project(dest)
+    return dest
+
+
+def install_project(root: Path) -> None:
+    """Put the project's `recovery` package on the root's Python path, with its commands."""
+    site = root / "usr/lib/python3/dist-packages/recovery"
+    if site.exists():
+        shutil.rmtree(site)
+    shutil.copytree(REPO / "recovery", site, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for command, module in (("updatectl", "recovery.updatectl"), ("recovery", "recovery.cli")):
+        _write(
+            root / "usr/local/bin" / command,
+            f"#!/usr/bin/python3\nimport sys\nfrom {module} import main\nsys.exit(main())\n",
+            mode=0o755,
+        )
+    # The guest runs Debian 12's Python 3.11, like this host: byte-compiling here saves seconds under TCG.
+    if sys.version_info[:2] == (3, 11):
+        run([sys.executable, "-m", "compileall", "-q", "-j", "1", site])
+
+
+def _boot_links(root: Path, kver: str) -> None:
+    """/boot/vmlinuz and /boot/initrd.img, the names grub.cfg boots, whatever the kernel version."""
+    for name in ("vmlinuz", "initrd.img"):
+        link = root / "boot" / name
+        target = root / "boot" / f"{name}-{kver}"
+        if not target.exists():
+            from recovery.errors import Failed
+
+            raise Failed(f"system root lacks /boot/{target.name}")
+        link.unlink(missing_ok=True)
+        link.symlink_to(target.name)
+    for stale in ("vmlinuz", "vmlinuz.old", "initrd.img", "initrd.img.old"):
+        p = root / stale
+        if p.is_symlink():
+            p.unlink()
+
+
+def _os_release(config: ImageConfig, version: str) -> str:
+    return (
+        f'NAME="{config.product}"\n'
+        f"ID={config.product}\n"
+        "ID_LIKE=debian\n"
+        f'VERSION="{version}"\n'
+        f'VERSION_ID="{version}"\n'
+        f'PRETTY_NAME="{config.product} {version}"\n'
+        f"APPLIANCE_PRODUCT={config.product}\n"
+    )
+
+
+def _system_toml(config: ImageConfig) -> str:
+    """updatectl's configuration (recovery/sysconfig.py): where cfg and storage are mounted."""
+    return (
+        f'product = "{config.product}"\n'
+        'keys = "/etc/recovery/keys"\n'
+        'cfg = "/cfg"\n'
+        'storage = "/storage"\n'
+        'storage_disk = "PARTLABEL=storage"\n'
+    )
+
+
+def _ready_script(config: ImageConfig, version: str) -> str:
+    # Printed by the serial login shell itself: when the line appears, the shell already reads input.
+    return (
+        "# Tells the serial console (and the test rig) that the system is up and its shell is ready.\n"
+        'if [ "$(tty)" = /dev/ttyS0 ]; then\n'
+        f'    echo "system {config.product} {version} ready"\n'
+        "fi\n"
+    )
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():
+        path.unlink()
+    path.write_text(text)
+    path.chmod(mode)
