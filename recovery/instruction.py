@@ -79,9 +79,9 @@ def _decode(raw: bytes, what: str, offset: int) -> str:
 def parse_envblock(data: bytes) -> dict[str, str]:
     """The variables of a GRUB environment block, in file order, unescaped as GRUB does.
 
-    Stricter than GRUB where GRUB would quietly stop or disagree with itself: a line without `=`,
-    an unterminated value, duplicate names and a block GRUB's `save_env` could not append to are
-    `Rejected`.
+    Stricter than GRUB where GRUB would quietly stop, or read a name we would not: an empty line, a
+    line without `=`, an unterminated value, duplicate names, NUL bytes, and a block GRUB's `save_env`
+    could not append to are `Rejected`. Lines starting with `#` are comments, as for GRUB.
     """
     if len(data) != ENVBLK_SIZE:
         raise Rejected(f"environment block is {len(data)} bytes, not {ENVBLK_SIZE}")
@@ -97,8 +97,8 @@ def parse_envblock(data: bytes) -> dict[str, str]:
             pos = _next_line(data, pos)
             continue
         if data[pos] == 0x0A:
-            pos += 1
-            continue
+            # GRUB does not skip an empty line: it reads it as the start of the next variable's name.
+            raise Rejected(f"environment block: empty line at byte {pos}")
         equals = data.find(b"=", pos)
         newline = data.find(b"\n", pos)
         if equals < 0 or 0 <= newline < equals:

@@ -163,6 +163,8 @@ BROKEN_BLOCKS = [
     (raw_block(b"no equals sign\n" + VALID_BODY), "line at byte 25 has no '='"),
     (raw_block(b"name\nrecovery_x=1\n" + VALID_BODY), "has no '='"),  # GRUB would read a name "name\nrecovery_x"
     (raw_block(b"=value\n" + VALID_BODY), "line at byte 25 has an empty name"),
+    (raw_block(b"\n" + VALID_BODY), "empty line at byte 25"),  # GRUB would read a name "\nrecovery_action"
+    (raw_block(VALID_BODY + b"\n"), "empty line at byte"),  # GRUB's save_env would append after it, likewise
     (raw_block(VALID_BODY + b"recovery_try=1\nrecovery_try=2\n"), "'recovery_try' is set twice"),
     # padding that does not end in '#': GRUB finds no newline before its free space and cannot append
     ((ENVBLK_HEADER + VALID_BODY).ljust(1023, b"#") + b"x", "the free space at its end is broken"),
@@ -183,8 +185,8 @@ def test_broken_block_is_rejected(data: bytes, reason: str) -> None:
     assert reason in str(info.value) and str(info.value).startswith("instruction: environment block")
 
 
-def test_comments_and_blank_lines_are_skipped_like_grub() -> None:
-    data = raw_block(b"\n# a comment with = sign\n\n" + VALID_BODY + b"# c\\\nhidden=1\n")
+def test_comments_are_skipped_like_grub() -> None:
+    data = raw_block(b"# a comment with = sign\n" + VALID_BODY + b"# c\\\nhidden=1\n")
     assert parse_envblock(data) == VALID
     assert parse_envblock(raw_block(b"k=a\\xb\n")) == {"k": "axb"}  # GRUB drops any escaping backslash
 

@@ -192,10 +192,20 @@ def test_blocks_we_refuse_for_broken_free_space_break_grub_too(tmp_path: Path) -
     assert editenv(path, "list") == b"a=1\n"
 
 
-def test_comments_blank_lines_and_stray_escapes_read_as_grub_reads_them(tmp_path: Path) -> None:
-    body = b"\n# a comment with = sign\n\nk=a\\xb\n# c\\\nhidden=1\nlast=\\\\\n"
+def test_comments_and_stray_escapes_read_as_grub_reads_them(tmp_path: Path) -> None:
+    body = b"# a comment with = sign\nk=a\\xb\n# c\\\nhidden=1\nlast=\\\\\n"
     data = (ENVBLK_HEADER + body).ljust(ENVBLK_SIZE, b"#")
     path = tmp_path / "grubenv"
     path.write_bytes(data)
     assert parse_envblock(data) == {"k": "axb", "last": "\\"}
     assert editenv(path, "list") == listing(parse_envblock(data))
+
+
+def test_an_empty_line_is_part_of_the_next_name_for_grub(tmp_path: Path) -> None:
+    """Why we reject empty lines: GRUB does not skip them."""
+    data = (ENVBLK_HEADER + b"a=1\n\nb=2\n").ljust(ENVBLK_SIZE, b"#")
+    path = tmp_path / "grubenv"
+    path.write_bytes(data)
+    assert editenv(path, "list") == b"a=1\n\nb=2\n"  # a name "\nb", not "b"
+    with pytest.raises(Rejected, match="empty line at byte 29"):
+        parse_envblock(data)
