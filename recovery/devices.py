@@ -83,21 +83,6 @@ def same_device(a: Path, b: Path) -> bool:
     return device_number(a) == device_number(b)
 
 
-def is_mounted(node: Path) -> str | None:
-    """The mount point of `node` if any file system on it is mounted (compared by device number)."""
-    try:
-        rdev = device_number(node)
-    except OSError:
-        return None
-    for part in psutil.disk_partitions(all=True):
-        try:
-            if part.device.startswith("/") and os.stat(part.device).st_rdev == rdev:
-                return part.mountpoint
-        except OSError:
-            continue
-    return None
-
-
 @dataclass(frozen=True)
 class PartitionInfo:
     node: Path

@@ -208,9 +208,10 @@ class Installer:
     def run(self) -> Result:
         """Install; return installed or rejected, raise for failed (the caller decides what stays)."""
         from .bundle import Keyring, verify_bundle
-        from .devices import find_device, is_mounted, mount, partition_info, same_device, umount
+        from .devices import find_device, mount, partition_info, same_device, umount
         from .install import erase, extract_payload
         from .instruction import DiskSpec, DiskSpecKind, read_instruction
+        from .mounts import mounted_at
 
         incomplete = (self.cfg / INCOMPLETE).exists()
         previous = read_result(self.cfg)
@@ -229,8 +230,8 @@ class Installer:
                         raise Rejected(f"system partition {system} is the {role} partition")
                 if same_device(system, storage):
                     raise Rejected(f"the bundle's disk {instruction.disk} is the system partition")
-                if where := is_mounted(system):
-                    raise Rejected(f"system partition {system} is mounted on {where}")
+                if where := mounted_at(system):
+                    raise Rejected(f"system partition {system} is mounted on {', '.join(where)}")
                 part = partition_info(system)
                 spec = DiskSpec.parse(self.config.system)
                 if spec.kind == DiskSpecKind.partlabel and part.name != spec.value:
