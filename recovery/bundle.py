@@ -326,10 +326,10 @@ def _verify(
             f"but the file has only {file_size} bytes"
         )
     payload_hash = reader.stream(payload_member.size, hashlib.sha256(), f"member {payload_member.name}")
-    _read_padding(reader, payload_member)
-    _read_trailer(reader)
     if payload_hash.hexdigest() != manifest.payload.sha256:
         raise Rejected("payload sha256 mismatch: the payload is not the one the manifest was signed for")
+    _read_padding(reader, payload_member)
+    _read_trailer(reader)
     return manifest, signature.keyid, payload_member.offset
 
 

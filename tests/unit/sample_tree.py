@@ -135,6 +135,7 @@ def _build(root: Path, variant: str) -> None:
     for rel in ("home/user", "home/user/notes.txt", SAMPLE_ACL_FILE):
         os.chown(root / rel, uid, gid)
     os.chown(root / SAMPLE_SETGID, 0, 5678)
+    os.chmod(root / SAMPLE_SETGID, 0o2755)  # chown cleared the setgid bit
     os.chown(root / "bin", uid, gid, follow_symlinks=False)
 
     # Last, bottom-up, so creating children does not touch the parents' mtimes again.
