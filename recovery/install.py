@@ -5,6 +5,7 @@ libarchive, hashing the payload again on the way and refusing every entry that w
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import logging
 import os
@@ -77,6 +78,7 @@ class _A:
     write_close = _fn("write_close", c_int, c_void_p)
     write_free = _fn("write_free", c_int, c_void_p)
     error_string = _fn("error_string", c_char_p, c_void_p)
+    errno = _fn("errno", c_int, c_void_p)
     pathname = _fn("entry_pathname", c_char_p, c_void_p)
     hardlink = _fn("entry_hardlink", c_char_p, c_void_p)
     filetype = _fn("entry_filetype", c_int, c_void_p)
@@ -112,8 +114,14 @@ EXTRACT_FLAGS = (
 
 
 def _reason(archive: int) -> str:
-    msg = _A.error_string(archive)
-    return msg.decode(errors="replace") if msg else "unknown libarchive error"
+    """libarchive's message, with the OS error it carries ("Write failed: No space left on device")."""
+    raw = _A.error_string(archive)
+    msg = raw.decode(errors="replace") if raw else "unknown libarchive error"
+    code = _A.errno(archive)
+    # libarchive reuses EILSEQ and EINVAL for its own format and usage errors: not OS errors then.
+    if code > 0 and code not in (errno.EILSEQ, errno.EINVAL) and os.strerror(code) not in msg:
+        msg = f"{msg}: {os.strerror(code)}"
+    return msg
 
 
 def _raw_name_kept(archive: int) -> bool:
@@ -241,7 +249,7 @@ class _PayloadStream:
         feed_r, feed_w = os.pipe()
         try:
             src.seek(bundle.payload_offset)
-            zstd = shutil.which("zstd") if compression == "zstd" else None
+            zstd = _zstd_program() if compression == "zstd" else None
             if zstd is not None:
                 argv = [zstd, "-dcq", "--no-progress"]
                 log.debug("+ %s", shlex.join(argv))
@@ -295,6 +303,11 @@ class _PayloadStream:
         if self._errors is not None:
             self._errors.close()
         return failure
+
+
+def _zstd_program() -> str | None:
+    """The zstd program for decompressing in a child process, if installed (else libarchive's own)."""
+    return shutil.which("zstd")
 
 
 def _grow_pipe(fd: int) -> None:
