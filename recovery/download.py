@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -306,7 +307,7 @@ def _pump(
     progress: bool,
     offset: int,
 ) -> int:
-    bar = Progress(remaining, f"downloading {source.name}") if progress and remaining else None
+    bar = Progress(remaining, f"downloading {source.name}", stream=sys.stdout) if progress and remaining else None
     total = offset + remaining if remaining is not None else None
     received = 0
     while True:
@@ -332,9 +333,9 @@ def _pump(
 
 
 def _interrupted(source: Source, have: int, total: int | None, why: str) -> Interrupted:
-    of = f" of {_mib_up(total)} MiB" if total is not None else ""
+    of = f" of {total / MiB:.1f}" if total is not None else ""
     return Interrupted(
-        f"download of {source} interrupted after {have // MiB} MiB{of}: {why}; "
+        f"download of {source} interrupted after {have / MiB:.1f}{of} MiB: {why}; "
         "run the same command again to resume"
     )
 
@@ -354,7 +355,7 @@ def _copy(source: Source, target: _Target, *, free: FreeSpace, progress: bool) -
         target.truncate()
         size = os.fstat(f.fileno()).st_size
         check_space(target.path.parent, size, where=target.where, free=free)
-        bar = Progress(size, f"copying {source.name}") if progress and size else None
+        bar = Progress(size, f"copying {source.name}", stream=sys.stdout) if progress and size else None
         copied = 0
         while True:
             try:

@@ -39,14 +39,14 @@ class Version:
 
     @staticmethod
     def _parts(text: str) -> tuple[tuple[int, int | str], ...]:
-        # Numbers sort before words at the same position, so `1.0.1` > `1.0.beta` stays predictable.
-        return tuple((0, int(p)) if p.isdigit() else (1, p.lower()) for p in _PART.findall(text))
+        # A word sorts before a number at the same position: `1.0.beta` < `1.0.1`, as people read it.
+        return tuple((1, int(p)) if p.isdigit() else (0, p.lower()) for p in _PART.findall(text))
 
     def _key(self) -> tuple[Any, ...]:
         core, _, _build = self.text.partition("+")
         release, dash, pre = core.partition("-")
         parts = list(self._parts(release))
-        while parts and parts[-1] == (0, 0):  # 1.0 == 1.0.0
+        while parts and parts[-1] == (1, 0):  # 1.0 == 1.0.0
             parts.pop()
         return (tuple(parts), (0, self._parts(pre)) if dash else (1, ()))
 

@@ -26,9 +26,9 @@ from .download import PARTIAL, FreeSpace, Source, download, free_space
 from .errors import Failed, Rejected, UpdateError
 from .feed import Feed, Release, Version, load_feed
 from .keys import Keyring
-from .output import MiB, Progress, step
+from .output import Progress, step
 from .run import run
-from .status import now, read_result
+from .status import read_result
 from .sysconfig import SystemConfig
 
 if TYPE_CHECKING:
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("recovery.updatectl")
 
-LOCK = ".updatectl.lock"
 BUNDLE_SUFFIX = ".bundle"
 
 Reboot = Callable[[], None]
@@ -64,7 +63,6 @@ class Staged:
     bundle: Path  # on this system
     file: PurePosixPath  # the same file as the recovery names it on the storage disk
     sha256: str
-    running: str | None
 
 
 @dataclass(frozen=True)
@@ -78,15 +76,16 @@ class Updater:
 
     # --- install ---------------------------------------------------------------------------------
 
-    def install(self, location: str, *, force: bool = False, release: Release | None = None,
-                source: Source | None = None) -> Staged:
+    def install(self, location: str | Source, *, force: bool = False, release: Release | None = None) -> Staged:
         """Fetch, verify and stage the bundle at `location`; the instruction is written last.
 
         `release` (from a verified feed) adds its version and sha256 to what the bundle must match.
         """
         config = self.config
-        source = source or Source.parse(location)
+        source = location if isinstance(location, Source) else Source.parse(location)
         keyring = Keyring.load(config.keys)  # before any download: a system without keys cannot verify
+        if not config.storage.is_dir():
+            raise Rejected(f"the storage partition is not mounted at {config.storage}")
         directory = config.bundle_dir
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -100,7 +99,7 @@ class Updater:
             else:
                 bundle, owned = self._fetch(source, directory, release), True
             try:
-                verified = self._verify(bundle, keyring, release, force=force)
+                verified = self._verify(bundle, keyring, release, force=force, name=source.name)
                 if owned:
                     final = directory / source.name
                     os.replace(bundle, final)
@@ -109,7 +108,6 @@ class Updater:
                 staged = Staged(
                     product=verified.manifest.product, version=verified.manifest.version, bundle=bundle,
                     file=self._path_on_storage(bundle), sha256=verified.sha256 or "",
-                    running=self.config.running_version(),
                 )
                 self._write_instruction(staged)
             except BaseException as e:
@@ -149,21 +147,21 @@ class Updater:
                 source, partial, where=self.config.storage, size=release.size if release else None,
                 free=self.free, progress=self.progress,
             )
-        log.info("%s: %.1f MiB%s", name, transfer.size / MiB,
-                 f", resumed at {transfer.resumed_at / MiB:.1f} MiB" if transfer.resumed_at else "")
         return transfer.path
 
-    def _verify(self, bundle: Path, keyring: Keyring, release: Release | None, *, force: bool) -> VerifiedBundle:
+    def _verify(
+        self, bundle: Path, keyring: Keyring, release: Release | None, *, force: bool, name: str
+    ) -> VerifiedBundle:
         from .bundle import verify_bundle
 
         size = bundle.stat().st_size
-        with step(f"Verifying {bundle.name}"):
+        with step(f"Verifying {name}"):
             verified = verify_bundle(
                 bundle, keyring, product=self.config.product,
                 version=release.version if release else None,
                 sha256=release.sha256 if release else None,
                 compute_sha256=True,
-                progress=Progress(size, f"verifying {bundle.name}") if self.progress else None,
+                progress=Progress(size, f"verifying {name}", stream=sys.stdout) if self.progress else None,
             )
         version = Version(verified.manifest.version)
         running = self.config.running_version()
@@ -183,7 +181,7 @@ class Updater:
 
         instruction = Instruction.create(
             disk=self.config.storage_disk, file=str(staged.file), sha256=staged.sha256,
-            version=staged.version, created=now(),
+            version=staged.version,
         )
         try:
             write_instruction(self.config.instruction, instruction)
@@ -205,7 +203,8 @@ class Updater:
     @contextmanager
     def _lock(self, directory: Path) -> Iterator[None]:
         # Two installs at once would write one partial file from two places and race on the instruction.
-        fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        # The directory itself is the lock, so no lock file is left lying about.
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -281,7 +280,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         if not newer(newest, running) and not args.force:
             print(f"up to date: {running} is running, the newest release is {newest.version}")
             return 0
-        staged = updater.install(newest.file, release=newest, source=source.join(newest.file), force=args.force)
+        staged = updater.install(source.join(newest.file), release=newest, force=args.force)
     else:
         staged = updater.install(args.source, force=args.force)
     return _finish(args, updater, staged)
@@ -343,14 +342,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None, *, reboot: Reboot = reboot_system) -> int:
-    """The console script; `reboot` is what a test replaces so that it never reboots its host."""
+def main(argv: Sequence[str] | None = None, *, reboot: Reboot | None = None) -> int:
+    """The console script; `reboot` (or this module's `reboot_system`) is what a test replaces so that
+    it never reboots its host."""
     try:
         args = parser().parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    args.reboot_fn = reboot
-    return boundary(args.run, args)
+    # Looked up when called, not when defined, so that patching `reboot_system` is enough.
+    args.reboot_fn = reboot if reboot is not None else lambda: reboot_system()
+    return boundary(_on_stdout, args)
+
+
+def _on_stdout(args: argparse.Namespace) -> int | None:
+    """Run the command with its log and progress on stdout, so stderr carries only the verdict of a failure."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.stdout)
+    return args.run(args)
 
 
 if __name__ == "__main__":
