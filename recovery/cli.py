@@ -58,10 +58,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from .bundle import Keyring, verify_bundle
-    from .install import apply_bundle
+    from .install import apply_bundle, check_target
+    from .output import Progress
 
+    check_target(args.target)  # before reading the whole bundle, not after
     bundle = verify_bundle(args.bundle, Keyring.load(args.keys), product=args.product)
-    stats = apply_bundle(bundle, args.target)
+    progress = Progress(bundle.manifest.payload.size, "extracting")
+    stats = apply_bundle(bundle, args.target, progress=progress)
+    progress.finish()
     print(f"applied {bundle.manifest.product} {bundle.manifest.version}: {stats.files} files, {stats.bytes} bytes")
     return 0
 
