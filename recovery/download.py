@@ -137,11 +137,13 @@ class Transfer:
 class _Target:
     """The `.partial` file being written; its disk-full errors become one clear rejection."""
 
-    def __init__(self, path: Path, where: Path, free: FreeSpace) -> None:
+    def __init__(self, path: Path, where: Path) -> None:
         self.path = path
         self.where = where
-        self.free = free
-        self.file = open(path, "ab")
+        try:
+            self.file = open(path, "ab")
+        except OSError as e:
+            raise Rejected(f"cannot write {path}: {e.strerror or e}") from None
 
     @property
     def size(self) -> int:
@@ -204,7 +206,7 @@ def download(
     """
     where = where or partial.parent
     existed = partial.exists()
-    target = _Target(partial, where, free)
+    target = _Target(partial, where)
     try:
         if source.scheme.remote:
             received, resumed_at = _http(source, target, size=size, free=free, timeout=timeout, progress=progress)
@@ -240,6 +242,9 @@ def _open(source: Source, offset: int, timeout: float) -> http.client.HTTPRespon
             if e.code == 416 and offset:
                 span = _content_range(e.headers.get("Content-Range"))
                 raise _RangeNotSatisfiable(span[1] if span else None) from None
+            if e.code >= 500 or e.code in (408, 429):
+                # The server is struggling, the source may be fine: like an unreachable server.
+                raise _Unreachable(f"cannot download {source}: {_reason(e)}") from None
             raise Rejected(f"cannot download {source}: {_reason(e)}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise _Unreachable(f"cannot download {source}: {_reason(e)}") from None

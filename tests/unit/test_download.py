@@ -122,6 +122,20 @@ def test_connection_refused_keeps_only_an_older_partial(tmp_path: Path) -> None:
     assert older.read_bytes() == b"resumable"  # the server is down, the bytes are still good
 
 
+def test_a_server_error_keeps_an_older_partial(tmp_path: Path) -> None:
+    partial = tmp_path / "b.bundle.partial"
+    partial.write_bytes(BODY[:1000])
+    state = ServerState(files={"/b.bundle": BODY}, status_override=503)
+    with http_server(state) as url:
+        with pytest.raises(Rejected, match="HTTP 503 Service Unavailable"):
+            download(Source.parse(url + "/b.bundle"), partial, free=PLENTY, progress=False)
+        assert partial.read_bytes() == BODY[:1000]
+        state.status_override = None
+        download(Source.parse(url + "/b.bundle"), partial, free=PLENTY, progress=False)
+    assert partial.read_bytes() == BODY
+    assert state.requests[-1]["range"] == "bytes=1000-"
+
+
 def test_not_enough_space_is_checked_before_downloading(tmp_path: Path) -> None:
     state = ServerState(files={"/b.bundle": BODY})
     partial = tmp_path / "b.bundle.partial"

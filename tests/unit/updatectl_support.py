@@ -105,6 +105,7 @@ class ServerState:
     cut_after: int | None = None  # close the first full-body response after this many bytes
     honour_range: bool = True
     send_length: bool = True
+    status_override: int | None = None  # answer every request that finds its file with this error
     requests: list[dict[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -123,6 +124,9 @@ def _handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
             body = state.files.get(self.path)
             if body is None:
                 self.send_error(404, "Not Found")
+                return
+            if state.status_override is not None:
+                self.send_error(state.status_override)
                 return
             start = 0
             status = 200
