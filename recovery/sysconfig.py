@@ -13,6 +13,8 @@ from .errors import Rejected
 DEFAULT_PATH = Path("/etc/recovery/system.toml")
 ENV_VAR = "UPDATECTL_CONFIG"
 INSTRUCTION = "update-instruction"  # below cfg; the name GRUB and the recovery look for
+DEFAULT_OS_RELEASE = Path("/etc/os-release")
+FALLBACK_OS_RELEASE = Path("/usr/lib/os-release")
 KNOWN = {"product", "keys", "cfg", "storage", "storage_disk", "bundles", "os_release"}
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ class SystemConfig:
     storage: Path  # where the storage partition is mounted
     storage_disk: str  # how the recovery finds that partition: goes into the instruction
     bundles: PurePosixPath = PurePosixPath("bundles")  # below storage
-    os_release: Path = Path("/etc/os-release")
+    os_release: Path = DEFAULT_OS_RELEASE
 
     @property
     def bundle_dir(self) -> Path:
@@ -78,21 +80,31 @@ class SystemConfig:
             storage=absolute("storage", "/storage"),
             storage_disk=text("storage_disk", "PARTLABEL=storage"),
             bundles=bundles,
-            os_release=absolute("os_release", "/etc/os-release"),
+            os_release=absolute("os_release", str(DEFAULT_OS_RELEASE)),
         )
 
     def running_version(self) -> str | None:
         """VERSION_ID from os-release; None when the file or the key is missing."""
-        try:
-            lines = self.os_release.read_text(errors="replace").splitlines()
-        except OSError:
-            return None
-        for line in lines:
-            key, sep, value = line.strip().partition("=")
-            if sep and key == "VERSION_ID":
-                value = value.strip()
-                # os-release allows shell-style quoting; versions never contain quotes themselves.
-                if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-                    value = value[1:-1]
-                return value or None
+        candidates = [self.os_release]
+        if self.os_release == DEFAULT_OS_RELEASE:
+            candidates.append(FALLBACK_OS_RELEASE)  # os-release(5): read this when /etc has none
+        for path in candidates:
+            try:
+                return _version_id(path.read_text(errors="replace").splitlines())
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return None
         return None
+
+
+def _version_id(lines: list[str]) -> str | None:
+    for line in lines:
+        key, sep, value = line.strip().partition("=")
+        if sep and key == "VERSION_ID":
+            value = value.strip()
+            # os-release allows shell-style quoting; versions never contain quotes themselves.
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                value = value[1:-1]
+            return value or None
+    return None

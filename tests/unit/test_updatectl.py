@@ -422,3 +422,23 @@ def test_console_script_runs(system: System) -> None:
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["version"] == "1.0.0"
+
+
+def test_config_defaults_and_running_version(tmp_path: Path) -> None:
+    from recovery.sysconfig import SystemConfig
+
+    config = SystemConfig.from_dict({"product": "p", "os_release": str(tmp_path / "os-release")})
+    assert (config.keys, config.cfg, config.storage) == (Path("/etc/recovery/keys"), Path("/cfg"), Path("/storage"))
+    assert config.storage_disk == "PARTLABEL=storage" and config.bundle_dir == Path("/storage/bundles")
+    assert config.instruction == Path("/cfg/update-instruction")
+    assert config.running_version() is None
+    for text, version in (('VERSION_ID="2.0.0"\n', "2.0.0"), ("NAME=x\nVERSION_ID='1.2'\n", "1.2"),
+                          ("VERSION_ID=3\n", "3"), ("NAME=x\n", None)):
+        (tmp_path / "os-release").write_text(text)
+        assert config.running_version() == version
+
+
+def test_status_without_a_version(system: System, capsys) -> None:
+    system.config.os_release.unlink()
+    lines, data = status(system, capsys)
+    assert lines[0] == "running: demo-appliance (unknown version)" and data["version"] is None
