@@ -18,21 +18,20 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .atomic import durable_unlink, fsync_dir
+from .bundle import VerifiedBundle, verify_bundle
 from .cli import add_debug, boundary
 from .download import PARTIAL, FreeSpace, Source, download, free_space
 from .errors import Failed, Rejected, UpdateError
 from .feed import Feed, Release, Version, load_feed
+from .instruction import Instruction, read_instruction, write_instruction
 from .keys import Keyring
 from .output import Progress, step
 from .run import run
 from .status import read_result
 from .sysconfig import SystemConfig
-
-if TYPE_CHECKING:
-    from .bundle import VerifiedBundle
 
 log = logging.getLogger("recovery.updatectl")
 
@@ -152,8 +151,6 @@ class Updater:
     def _verify(
         self, bundle: Path, keyring: Keyring, release: Release | None, *, force: bool, name: str
     ) -> VerifiedBundle:
-        from .bundle import verify_bundle
-
         size = bundle.stat().st_size
         with step(f"Verifying {name}"):
             verified = verify_bundle(
@@ -177,8 +174,6 @@ class Updater:
         return PurePosixPath("/") / relative.as_posix()
 
     def _write_instruction(self, staged: Staged) -> None:
-        from .instruction import Instruction, write_instruction
-
         instruction = Instruction.create(
             disk=self.config.storage_disk, file=str(staged.file), sha256=staged.sha256,
             version=staged.version,
@@ -228,8 +223,6 @@ class Updater:
 
     def status(self) -> dict[str, Any]:
         """The running version, any staged update and the last recovery result, as plain data."""
-        from .instruction import read_instruction
-
         staged: dict[str, Any] | None = None
         problem: str | None = None
         if self.config.instruction.exists():
