@@ -91,6 +91,8 @@ def create_bundle(
                 _payload_from_tar(source, payload, comp)
         with step("Counting and hashing the payload"):
             files, nbytes = _count(payload)
+            if files == 0:
+                raise Rejected(f"source {source} holds no entries: a bundle of it would install nothing")
             size, digest = _sha256(payload)
         manifest = Manifest(
             format=FORMAT, product=product, version=version, created=created,

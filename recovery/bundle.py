@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import os
@@ -16,11 +17,11 @@ import queue
 import re
 import stat
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from .errors import Rejected
 from .keys import Keyring
@@ -42,7 +43,7 @@ MAX_PAX_HEADER = 64 * 1024
 MAX_TRAILER = 1 * MiB
 BLOCK = 512
 # Large reads keep the per-call overhead negligible; three of them in flight bound the memory.
-CHUNK = 4 * MiB
+CHUNK = 1 * MiB
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~:-]{0,127}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -259,16 +260,15 @@ def verify_bundle(
         if not _HEX64.fullmatch(expected_sha256):
             raise Rejected(f"expected bundle sha256 {sha256!r} is not 64 hex digits")
     try:
-        f = open(path, "rb", buffering=0)
+        # O_NONBLOCK: a fifo in the bundle's place must be refused, not wait for a writer forever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise Rejected(f"cannot open bundle {path}: {e.strerror or e}") from e
-    with f:
-        try:
-            st = os.fstat(f.fileno())
-        except OSError as e:
-            raise Rejected(f"cannot read bundle {path}: {e.strerror or e}") from e
-        if not stat.S_ISREG(st.st_mode):
-            raise Rejected(f"not a bundle: {path} is not a regular file")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise Rejected(f"not a bundle: {path} is not a regular file")
+    with open(fd, "rb", buffering=0) as f:
         if st.st_size == 0:
             raise Rejected(f"not a bundle: {path} is empty")
         try:
@@ -278,21 +278,23 @@ def verify_bundle(
         whole = hashlib.sha256() if (expected_sha256 is not None or compute_sha256) else None
         reader = _Reader(f, whole, progress)
         try:
-            result = _verify(reader, path, st.st_size, keyring, product, version, capacity)
+            verified = _verify(reader, path, st.st_size, keyring, product, version, capacity)
         except OSError as e:
             raise Rejected(f"cannot read bundle {path}: {e.strerror or e}") from e
-    digest = whole.hexdigest() if whole is not None else None
-    if expected_sha256 is not None and digest != expected_sha256:
-        raise Rejected(f"bundle sha256 mismatch: expected {expected_sha256}, the file has {digest}")
+    if whole is not None:
+        digest = whole.hexdigest()
+        if expected_sha256 is not None and digest != expected_sha256:
+            raise Rejected(f"bundle sha256 mismatch: expected {expected_sha256}, the file has {digest}")
+        verified = replace(verified, sha256=digest)
     if progress is not None:
         progress.finish()
-    return VerifiedBundle(path=path, manifest=result[0], keyid=result[1], payload_offset=result[2], sha256=digest)
+    return verified
 
 
 def _verify(
     reader: _Reader, path: Path, file_size: int, keyring: Keyring,
     product: str | None, version: str | None, capacity: int | None,
-) -> tuple[Manifest, str, int]:
+) -> VerifiedBundle:
     manifest_member = _read_header(reader, 1, MANIFEST_NAME)
     _check_bound(manifest_member, MAX_MANIFEST)
     manifest_bytes = reader.read(manifest_member.size, f"member {MANIFEST_NAME}")
@@ -325,15 +327,21 @@ def _verify(
             f"truncated: the payload ends at byte {payload_member.offset + payload_member.size} "
             f"but the file has only {file_size} bytes"
         )
-    payload_hash = reader.stream(payload_member.size, hashlib.sha256(), f"member {payload_member.name}")
+    payload_hash = hashlib.sha256()
+    reader.stream(payload_member.size, payload_hash, f"member {payload_member.name}")
     if payload_hash.hexdigest() != manifest.payload.sha256:
         raise Rejected("payload sha256 mismatch: the payload is not the one the manifest was signed for")
     _read_padding(reader, payload_member)
     _read_trailer(reader)
-    return manifest, signature.keyid, payload_member.offset
+    return VerifiedBundle(path, manifest, signature.keyid, payload_member.offset, sha256=None)
 
 
 # --- the outer tar -----------------------------------------------------------------------------
+
+
+class _Hash(Protocol):
+    def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
+    def hexdigest(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -347,7 +355,7 @@ class _Member:
 class _Reader:
     """Reads the bundle front to back; every byte passes here once, into the whole-file hash and progress."""
 
-    def __init__(self, f: BinaryIO, whole: Any, progress: Progress | None) -> None:
+    def __init__(self, f: BinaryIO, whole: _Hash | None, progress: Progress | None) -> None:
         self.f = f
         self.whole = whole
         self.progress = progress
@@ -376,41 +384,32 @@ class _Reader:
         self._advance(got)
         return data
 
-    def stream(self, n: int, h: Any, what: str) -> Any:
+    def stream(self, n: int, h: _Hash, what: str) -> None:
         """Hash the next n bytes into `h` in large chunks; the whole-file hash runs in a second thread."""
-        if self.whole is None:
-            buf = bytearray(min(CHUNK, max(n, 1)))
-            view = memoryview(buf)
+        size = min(CHUNK, max(n, 1))
+        with contextlib.ExitStack() as stack:
+            background = None if self.whole is None else stack.enter_context(_BackgroundHash(self.whole, size))
+            own = bytearray(size)
             remaining = n
             while remaining:
-                got = self.f.readinto(view[: min(len(buf), remaining)])
-                if not got:
-                    raise Rejected(f"truncated: the file ends {n - remaining} bytes into {what} (of {n})")
-                h.update(view[:got])
-                remaining -= got
-                self._advance(got)
-            return h
-        with _BackgroundHash(self.whole, min(CHUNK, max(n, 1))) as background:
-            remaining = n
-            while remaining:
-                buf = background.buffer()
+                buf = own if background is None else background.buffer()
                 view = memoryview(buf)
-                got = self.f.readinto(view[: min(len(buf), remaining)])
+                got = self.f.readinto(view[: min(size, remaining)])
                 if not got:
                     raise Rejected(f"truncated: the file ends {n - remaining} bytes into {what} (of {n})")
-                background.submit(buf, got)
-                # The buffer goes back to the pool only after the other thread hashed it, and we take
-                # the next one only after hashing this one: nobody overwrites bytes still being read.
+                if background is not None:
+                    # The buffer returns to the pool only once the other thread hashed it, and we take the
+                    # next one only after hashing this one: no bytes are overwritten while still needed.
+                    background.submit(buf, got)
                 h.update(view[:got])
                 remaining -= got
                 self._advance(got)
-        return h
 
 
 class _BackgroundHash:
     """Feeds a hash from a second thread; hashlib drops the GIL on large buffers, so two hashes cost one."""
 
-    def __init__(self, h: Any, size: int, buffers: int = 3) -> None:
+    def __init__(self, h: _Hash, size: int, buffers: int = 3) -> None:
         self.h = h
         self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         for _ in range(buffers):

@@ -10,7 +10,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import stat
 import tarfile
 from pathlib import Path
@@ -227,8 +226,14 @@ def test_manifest_created_follows_source_date_epoch(keys: Path, tmp_path: Path, 
     assert Manifest.parse(made.to_json()) == made
 
 
+def test_empty_tar_is_refused(keys: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty.tar").write_bytes(bytes(10240))
+    with pytest.raises(Rejected, match="holds no entries"):
+        create_bundle(tmp_path / "empty.tar", tmp_path / "a.bundle", key=keys / "signing.pem", product="p", version="1")
+    assert not (tmp_path / "a.bundle").exists()
+
+
 def test_unknown_compression_is_refused(keys: Path, tmp_path: Path) -> None:
     tree = make_small_tree(tmp_path / "tree")
     with pytest.raises(Rejected, match="unknown compression 'lz4'"):
         create_bundle(tree, tmp_path / "a.bundle", key=keys / "signing.pem", product="p", version="1", compression="lz4")
-    shutil.rmtree(tree)

@@ -49,11 +49,13 @@ def members_with_offsets(bundle: Path) -> dict[str, tarfile.TarInfo]:
         return {m.name: m for m in tar}
 
 
-def damaged(good: Path, tmp_path: Path, *, flip: int | None = None, cut: int | None = None,
-            append: bytes = b"") -> Path:
+def damaged(good: Path, tmp_path: Path, *, flip: int | None = None, put: tuple[int, int] | None = None,
+            cut: int | None = None, append: bytes = b"") -> Path:
     data = bytearray(good.read_bytes())
     if flip is not None:
         data[flip] ^= 0x01
+    if put is not None:
+        data[put[0]] = put[1]
     if cut is not None:
         del data[cut:]
     out = tmp_path / "damaged.bundle"
@@ -144,10 +146,15 @@ def test_flipped_byte_in_manifest(good: Path, keyring: Keyring, tmp_path: Path) 
 def test_flipped_byte_in_signature(good: Path, keyring: Keyring, tmp_path: Path) -> None:
     sig = members_with_offsets(good)["manifest.json.sig"]
     text = bundle_members(good)["manifest.json.sig"]
-    in_signature = text.index(b'"signature": "') + 20
-    assert rejected(damaged(good, tmp_path, flip=sig.offset_data + in_signature), keyring).startswith("bad signature")
-    in_keyid = text.index(b'"keyid": "') + 12
-    assert rejected(damaged(good, tmp_path, flip=sig.offset_data + in_keyid), keyring).startswith("signed by unknown key")
+    at = sig.offset_data + text.index(b'"signature": "') + 20
+    other = ord("A") if good.read_bytes()[at] != ord("A") else ord("B")  # still base64, another signature
+    assert rejected(damaged(good, tmp_path, put=(at, other)), keyring).startswith("bad signature")
+    assert "not valid base64" in rejected(damaged(good, tmp_path, put=(at, ord("*"))), keyring)
+    # Another valid keyid (one hex digit changed) names a key nobody trusts; a non-hex one is malformed.
+    at = sig.offset_data + text.index(b'"keyid": "') + len(b'"keyid": "')
+    other = ord("0") if good.read_bytes()[at] != ord("0") else ord("1")
+    assert rejected(damaged(good, tmp_path, put=(at, other)), keyring).startswith("signed by unknown key")
+    assert "keyid must be 16 lowercase hex digits" in rejected(damaged(good, tmp_path, put=(at, ord("G"))), keyring)
 
 
 def test_flipped_byte_in_a_header_or_padding(good: Path, keyring: Keyring, tmp_path: Path) -> None:
@@ -264,7 +271,9 @@ def test_empty_missing_and_directory(keyring: Keyring, tmp_path: Path) -> None:
     (tmp_path / "empty.bundle").write_bytes(b"")
     assert rejected(tmp_path / "empty.bundle", keyring).endswith("is empty")
     assert rejected(tmp_path / "missing.bundle", keyring).startswith("cannot open bundle")
-    assert "not a regular file" in rejected(tmp_path, keyring) or "cannot open" in rejected(tmp_path, keyring)
+    assert rejected(tmp_path, keyring) == f"not a bundle: {tmp_path} is not a regular file"
+    os.mkfifo(tmp_path / "fifo.bundle")
+    assert rejected(tmp_path / "fifo.bundle", keyring).endswith("is not a regular file")  # and does not hang
 
 
 # --- signed but wrong --------------------------------------------------------------------------
