@@ -1,0 +1,112 @@
+"""The `vm` command line: boot an image with its console on the terminal; `vm demo` runs the whole cycle."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import sys
+import tempfile
+import termios
+import tty
+from collections.abc import Sequence
+from pathlib import Path
+
+from recovery.cli import UsageError, add_debug, boundary
+
+from . import VMError
+from .disk import DiskImage
+from .drive import DiskInterface
+from .machine import Firmware, Machine
+
+QUIT_KEYS = {b"\x1d": "Ctrl-]", b"\x03": "Ctrl-C"}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.image is None and args.kernel is None:
+        raise UsageError("give an IMAGE to boot, or --kernel")
+    for path in (args.image, args.kernel, args.initrd):
+        if path is not None and not path.is_file():
+            raise VMError(f"{path} not found")
+    with tempfile.TemporaryDirectory(prefix="vm-run-") as tmp:
+        disk = None
+        if args.image is not None:
+            disk = DiskImage.open(args.image)
+            if not args.write:
+                disk = disk.overlay(Path(tmp) / "overlay.qcow2")
+        machine = Machine(
+            disk, firmware=args.firmware, interface=args.interface, memory=args.memory, kernel=args.kernel,
+            initrd=args.initrd, append=args.append, network=args.network, name="run", workdir=Path(tmp),
+            on_output=_to_terminal,
+        )
+        interactive = sys.stdin.isatty()
+        if interactive:
+            print("[vm: Ctrl-] or Ctrl-C quits]", file=sys.stderr)
+        with machine:
+            if interactive:
+                _terminal(machine)
+            else:
+                machine.wait_exit(timeout=None)
+    return 0
+
+
+def _to_terminal(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _terminal(machine: Machine) -> None:
+    """Forward keys to the console in raw mode until a quit key or the machine ends."""
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd)
+        while machine.running:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if not ready:
+                continue
+            data = os.read(fd, 1024)
+            if not data or any(key in data for key in QUIT_KEYS):
+                break
+            machine.send(data)
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        print(file=sys.stderr)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    raise UsageError("vm demo is not yet implemented")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vm", description="Boot appliance images under QEMU.")
+    add_debug(p)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="boot an image with its serial console on this terminal")
+    r.add_argument("image", type=Path, nargs="?", help="disk image (raw or qcow2); booted through an overlay")
+    r.add_argument("--firmware", type=Firmware, choices=list(Firmware), default=Firmware.bios)
+    r.add_argument("--memory", type=int, default=1024, metavar="MiB")
+    r.add_argument("--interface", type=DiskInterface, choices=list(DiskInterface), default=DiskInterface.virtio)
+    r.add_argument("--write", action="store_true", help="boot IMAGE itself and keep the changes")
+    r.add_argument("--network", action="store_true", help="give the guest QEMU's user-mode network")
+    r.add_argument("--kernel", type=Path, help="boot this kernel directly (the firmware still runs)")
+    r.add_argument("--initrd", type=Path)
+    r.add_argument("--append", help="kernel command line, e.g. 'console=ttyS0'")
+    r.set_defaults(run=cmd_run)
+
+    d = sub.add_parser("demo", help="run the whole update cycle on the demo image")
+    d.set_defaults(run=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return boundary(args.run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
