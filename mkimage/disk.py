@@ -91,9 +91,14 @@ def make_ext4(
 
 def make_esp(image: Path, placement: Placement, *, volume_id: str, files: dict[str, Path]) -> None:
     """A FAT32 ESP with the fixed `volume_id` the early GRUB config searches for, holding `files`."""
+    # mkfs.fat sizes clusters by the whole image file, not by the block count it is given: say it.
+    # FAT32 needs at least 65525 clusters; the largest cluster (up to 4 KiB) that leaves enough.
+    per_cluster = 1
+    while per_cluster < 8 and placement.size // (SECTOR * per_cluster * 2) >= 65600:
+        per_cluster *= 2
     run([
-        "mkfs.fat", "-F", "32", "-n", FS_LABELS["esp"], "-i", volume_id,
-        "--offset", str(placement.offset // SECTOR), image, str(placement.size // 1024),
+        "mkfs.fat", "-F", "32", "-S", str(SECTOR), "-s", str(per_cluster), "-n", FS_LABELS["esp"],
+        "-i", volume_id, "--offset", str(placement.offset // SECTOR), image, str(placement.size // 1024),
     ])
     target = f"{os.fspath(image)}@@{placement.offset}"
     env = {"MTOOLS_SKIP_CHECK": "1"}

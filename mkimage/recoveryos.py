@@ -79,6 +79,8 @@ class RecoveryOS:
 def recovery_spec(config: ImageConfig) -> RootfsSpec:
     return RootfsSpec(
         name="recovery", suite=config.suite, sources=config.apt_sources, packages=config.recovery_packages,
+        # The kernel package builds an initrd nobody uses here: make it the quick kind.
+        files=(("etc/initramfs-tools/conf.d/mkimage.conf", "MODULES=list\n"),),
     )
 
 
@@ -130,6 +132,8 @@ def _fill_overlay(overlay: Path, base: Path, kver: str, config: ImageConfig, key
     (etc / "recovery.toml").write_text(recovery_toml(config))
     for key in keys:
         shutil.copy2(key, etc / "keys" / key.name)
+    # e2fsck and mount look for mounted file systems in /etc/mtab.
+    (overlay / "etc/mtab").symlink_to("../proc/self/mounts")
     install_project(overlay)
     build_libxml2_stub(base / "usr/lib/x86_64-linux-gnu/libarchive.so.13", overlay / "usr/lib/x86_64-linux-gnu")
     n = copy_modules(base / "usr/lib/modules" / kver, kver, RECOVERY_MODULES, overlay)

@@ -34,6 +34,12 @@ MASKED_UNITS = (
     "systemd-logind.service", "getty@tty1.service", "systemd-timesyncd.service",
     "systemd-networkd-wait-online.service", "systemd-pstore.service", "console-setup.service",
     "keyboard-setup.service", "systemd-hwdb-update.service", "ldconfig.service",
+    # Gettys on tty2-6 for lack of logind, and kernel interfaces nothing here uses.
+    "getty-static.service", "dev-hugepages.mount", "dev-mqueue.mount", "sys-kernel-debug.mount",
+    "sys-kernel-tracing.mount", "sys-kernel-config.mount", "sys-fs-fuse-connections.mount",
+    "modprobe@loop.service", "modprobe@fuse.service", "modprobe@dm_mod.service", "modprobe@configfs.service",
+    "modprobe@drm.service", "modprobe@efi_pstore.service", "systemd-update-utmp.service",
+    "systemd-update-utmp-runlevel.service",
 )
 
 SERIAL_AUTOLOGIN = """[Service]

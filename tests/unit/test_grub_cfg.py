@@ -1,0 +1,94 @@
+"""The GRUB scripts in bootloader/: syntax, the instruction whitelist, and the env block GRUB counts in."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mkimage.grub import BOOTLOADER, early_config, esp_volume_id, grub_volume_uuid
+
+needs = pytest.mark.skipif(
+    shutil.which("grub-script-check") is None or shutil.which("grub-editenv") is None,
+    reason="needs grub-common (grub-script-check, grub-editenv): make setup installs it",
+)
+SCRIPTS = sorted(BOOTLOADER.glob("*.cfg"))
+
+
+def script_check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["grub-script-check", str(path)], capture_output=True, text=True)
+
+
+def test_all_scripts_are_there():
+    assert {p.name for p in SCRIPTS} >= {"grub.cfg", "recovery.cfg", "early.cfg"}
+
+
+@needs
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_check(script):
+    r = script_check(script)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@needs
+def test_script_check_catches_errors(tmp_path):
+    # The check above is worth something only if grub-script-check fails on a broken script.
+    bad = tmp_path / "bad.cfg"
+    bad.write_text((BOOTLOADER / "recovery.cfg").read_text().replace("fi\nfi", "fi", 1) + "\nif true; then\n")
+    assert script_check(bad).returncode != 0
+
+
+@needs
+def test_rendered_early_config(tmp_path):
+    volume_id = esp_volume_id("demo-appliance")
+    assert re.fullmatch(r"[0-9A-F]{8}", volume_id)
+    text = early_config(volume_id)
+    assert f"--fs-uuid --set=root {grub_volume_uuid(volume_id)}" in text
+    assert "@" not in text
+    path = tmp_path / "early.cfg"
+    path.write_text(text)
+    assert script_check(path).returncode == 0
+
+
+def test_instruction_is_read_through_a_whitelist():
+    text = (BOOTLOADER / "recovery.cfg").read_text()
+    loads = re.findall(r"^\s*load_env .*$", text, re.MULTILINE)
+    saves = re.findall(r"save_env .*$", text, re.MULTILINE)
+    assert loads and all(line.split()[-1] == "recovery_try" and "--skip-sig" in line for line in loads)
+    assert saves and all(re.search(r"update-instruction\" recovery_try(; then)?$", line) for line in saves)
+    # Variables the menu entries use must be exported, or GRUB's entry context does not see them.
+    assert "export cfgdev recoverydev recovery_try" in text
+
+
+def test_kernel_command_lines():
+    recovery = (BOOTLOADER / "recovery.cfg").read_text()
+    system = (BOOTLOADER / "grub.cfg").read_text()
+    linux = re.findall(r"^\s*linux (.*)$", recovery + system, re.MULTILINE)
+    assert len(linux) == 3
+    for line in linux:
+        assert line.endswith("console=tty0 console=ttyS0,115200"), line  # serial last: /dev/console
+    assert any("recovery.try=$recovery_try" in line for line in linux)
+    assert any("recovery.mode=rescue" in line for line in linux)
+    assert any("root=PARTLABEL=system" in line for line in linux)
+
+
+@needs
+def test_grub_counts_tries_in_a_block_grub_editenv_reads(tmp_path):
+    """GRUB's save_env rewrites the instruction in place: the block keeps its size and other keys.
+
+    grub-editenv stands in for save_env here (same code in GRUB's lib/envblk.c); booting the
+    counting itself is the VM tests' job.
+    """
+    block = tmp_path / "update-instruction"
+    subprocess.run(["grub-editenv", str(block), "create"], check=True)
+    subprocess.run(["grub-editenv", str(block), "set", "recovery_action=install", "recovery_version=2.0.0"],
+                   check=True)
+    for n in ("1", "2", "3"):
+        subprocess.run(["grub-editenv", str(block), "set", f"recovery_try={n}"], check=True)
+        data = block.read_bytes()
+        assert len(data) == 1024 and data.startswith(b"# GRUB Environment Block\n")
+        listed = subprocess.run(["grub-editenv", str(block), "list"], capture_output=True, text=True, check=True)
+        assert listed.stdout.splitlines() == ["recovery_action=install", "recovery_version=2.0.0", f"recovery_try={n}"]
