@@ -1,0 +1,59 @@
+"""The built appliance image under QEMU: the system boots under BIOS and UEFI; with an update instruction
+GRUB boots the recovery OS, counts its tries 1, 2, 3 in the instruction, then boots the rescue entry.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from recovery.instruction import Instruction, parse_instruction
+from vm.disk import DiskImage
+from vm.machine import Firmware, Machine
+
+BOOT = 600.0  # seconds to a ready system under TCG, generously
+KERNEL = 120.0  # seconds from power-on to the kernel's command line (firmware, GRUB's menu, loading)
+INSTRUCTION = "/update-instruction"
+
+
+def ready_line(built: Any) -> str:
+    return re.escape(f"system {built.config.product} {built.config.version} ready")
+
+
+@pytest.mark.parametrize("firmware", list(Firmware))
+def test_system_boots_without_an_instruction(
+    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, firmware: Firmware
+) -> None:
+    assert vm_disk.read_file("cfg", INSTRUCTION) is None
+    m = machine(firmware)
+    m.expect(r"Command line: .*root=PARTLABEL=system", KERNEL)
+    m.expect(ready_line(built_image), BOOT)
+    status, cmdline = m.shell("cat /proc/cmdline")
+    assert status == 0 and "recovery." not in cmdline
+    assert m.shell("test -d /sys/firmware/efi")[0] == (0 if firmware is Firmware.uefi else 1)
+
+
+def test_grub_counts_recovery_tries_then_boots_rescue(
+    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage
+) -> None:
+    instruction = Instruction.create(
+        disk="PARTLABEL=storage", file=f"/{built_image.config.product}-2.0.0.bundle", sha256="0" * 64,
+        version="2.0.0",
+    )
+    vm_disk.write_file("cfg", INSTRUCTION, instruction.to_block())
+    for n in (1, 2, 3):
+        m = machine()
+        m.expect(rf"Command line: .*recovery\.try={n}\b", KERNEL)
+        # cut before the recovery acts on the (made-up) instruction: only GRUB's choice is under test
+        m.power_cut()
+        block = m.read_file("cfg", INSTRUCTION)
+        assert block is not None, "the instruction vanished"
+        assert parse_instruction(block).try_count == n
+    m = machine()
+    m.expect(r"Command line: .*recovery\.mode=rescue", KERNEL)
+    m.power_cut()
+    block = m.read_file("cfg", INSTRUCTION)
+    assert block is not None and parse_instruction(block).try_count == 3
