@@ -6,22 +6,20 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import hashlib
-import logging
 import os
-import shlex
-import shutil
+import queue
 import stat
-import subprocess
-import tempfile
 import threading
+import uuid as uuidlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from ctypes import POINTER, byref, c_char_p, c_int, c_longlong, c_size_t, c_void_p
 from dataclasses import dataclass
 from enum import IntFlag
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 import libarchive.ffi
 
@@ -33,8 +31,6 @@ from .run import run
 if TYPE_CHECKING:
     from .bundle import VerifiedBundle
 
-log = logging.getLogger(__name__)
-
 # Big reads keep the per-block Python work negligible next to decompression and writing.
 BLOCK = 1024 * 1024
 
@@ -45,7 +41,8 @@ BLOCK = 1024 * 1024
 # declared afresh on the library it loaded: `lib[name]` makes new function objects, leaving its own.
 
 _lib = libarchive.ffi.libarchive
-ARCHIVE_EOF, ARCHIVE_OK, ARCHIVE_WARN = 1, 0, -20
+READ_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_ssize_t, c_void_p, c_void_p, POINTER(c_void_p))
+ARCHIVE_EOF, ARCHIVE_OK, ARCHIVE_WARN, ARCHIVE_FATAL = 1, 0, -20, -30
 AE_IFMT, AE_IFREG, AE_IFDIR = 0o170000, 0o100000, 0o040000
 
 
@@ -61,20 +58,20 @@ class _A:
 
     read_new = _fn("read_new", c_void_p)
     support_tar = _fn("read_support_format_tar", c_int, c_void_p)
+    support_raw = _fn("read_support_format_raw", c_int, c_void_p)
+    read_data = _fn("read_data", ctypes.c_ssize_t, c_void_p, c_void_p, c_size_t)
     filters = {
         "zstd": _fn("read_support_filter_zstd", c_int, c_void_p),
         "xz": _fn("read_support_filter_xz", c_int, c_void_p),
         "gzip": _fn("read_support_filter_gzip", c_int, c_void_p),
     }
     read_open_fd = _fn("read_open_fd", c_int, c_void_p, c_int, c_size_t)
+    read_open = _fn("read_open", c_int, c_void_p, c_void_p, c_void_p, READ_CALLBACK, c_void_p)
     next_header = _fn("read_next_header", c_int, c_void_p, POINTER(c_void_p))
-    data_block = _fn("read_data_block", c_int, c_void_p, POINTER(c_void_p), POINTER(c_size_t), POINTER(c_longlong))
     read_free = _fn("read_free", c_int, c_void_p)
     disk_new = _fn("write_disk_new", c_void_p)
     disk_options = _fn("write_disk_set_options", c_int, c_void_p, c_int)
-    write_header = _fn("write_header", c_int, c_void_p, c_void_p)
-    write_block = _fn("write_data_block", ctypes.c_ssize_t, c_void_p, c_void_p, c_size_t, c_longlong)
-    finish_entry = _fn("write_finish_entry", c_int, c_void_p)
+    extract2 = _fn("read_extract2", c_int, c_void_p, c_void_p, c_void_p)
     write_close = _fn("write_close", c_int, c_void_p)
     write_free = _fn("write_free", c_int, c_void_p)
     error_string = _fn("error_string", c_char_p, c_void_p)
@@ -88,7 +85,6 @@ class _A:
     atime = _fn("entry_atime", c_longlong, c_void_p)
     atime_nsec = _fn("entry_atime_nsec", ctypes.c_long, c_void_p)
     atime_is_set = _fn("entry_atime_is_set", c_int, c_void_p)
-    size_is_set = _fn("entry_size_is_set", c_int, c_void_p)
 
 
 class Extract(IntFlag):
@@ -101,14 +97,16 @@ class Extract(IntFlag):
     XATTR = 0x0080
     SECURE_SYMLINKS = 0x0100
     SECURE_NODOTDOT = 0x0200
-    SPARSE = 0x1000
     SECURE_NOABSOLUTEPATHS = 0x10000
 
 
 # Everything a system tree carries, and libarchive's own confinement checks behind ours. Owners stay
-# numeric (no lookup function is set): the payload's passwd is not the recovery OS's.
+# numeric (no lookup function is set): the payload's passwd is not the recovery OS's. Not
+# ARCHIVE_EXTRACT_SPARSE: the holes the archive records come back anyway (libarchive seeks over
+# them), while that flag would also punch holes wherever data happens to be zeros, which GNU tar
+# does not do and which breaks files that must be dense (swapon refuses a swap file with holes).
 EXTRACT_FLAGS = (
-    Extract.OWNER | Extract.PERM | Extract.TIME | Extract.ACL | Extract.XATTR | Extract.SPARSE
+    Extract.OWNER | Extract.PERM | Extract.TIME | Extract.ACL | Extract.XATTR
     | Extract.SECURE_SYMLINKS | Extract.SECURE_NODOTDOT | Extract.SECURE_NOABSOLUTEPATHS
 )
 
@@ -143,7 +141,7 @@ def _outside(name: bytes) -> str | None:
     """Why `name` (relative to the target) could point outside the target, or None."""
     if name.startswith(b"/"):
         return "absolute path"
-    if b".." in name.split(b"/"):
+    if b".." in name and b".." in name.split(b"/"):
         return "'..' in path"
     return None
 
@@ -187,141 +185,183 @@ def _check_entry(name: bytes, hardlink: bytes | None, filetype: int) -> None:
 # --- the payload stream -------------------------------------------------------------------------
 
 
-class _Feeder(threading.Thread):
-    """Copies exactly `size` payload bytes from the bundle into a pipe, hashing them on the way.
+class _Source:
+    """Exactly `size` payload bytes from the bundle, handed to libarchive by a read callback and
+    hashed on the way, so what is extracted is what is hashed.
 
-    If the reader goes away early (an extraction error) it keeps reading and hashing, so a changed
-    payload is reported as what it is rather than as whatever broke first.
+    A thread of its own hashes each block while the next is read and decompressed; a block's buffer
+    is reused only once it is hashed (libarchive is done with a block when it asks for the next).
     """
 
-    def __init__(self, src: BinaryIO, size: int, pipe: int, progress: Progress | None) -> None:
-        super().__init__(name="payload-feeder", daemon=True)
-        self.src, self.size, self.pipe, self.progress = src, size, pipe, progress
-        self.hash = hashlib.sha256()
-        self.short: int = 0  # bytes missing at the end of the bundle
-        self.error: BaseException | None = None
-        self.stop = threading.Event()
+    BUFFERS = 3
 
-    def run(self) -> None:
-        buf = bytearray(BLOCK)
-        view = memoryview(buf)
-        remaining = self.size
-        writing = True
+    def __init__(self, bundle: VerifiedBundle, progress: Progress | None) -> None:
+        self.file = open(bundle.path, "rb", buffering=0)
         try:
-            while remaining and not self.stop.is_set():
-                n = self.src.readinto(view[: min(BLOCK, remaining)])
-                if not n:
-                    self.short = remaining
-                    break
-                chunk = view[:n]
-                self.hash.update(chunk)
-                remaining -= n
-                if self.progress is not None:
-                    self.progress.update(n)
-                while writing and chunk:
-                    try:
-                        chunk = chunk[os.write(self.pipe, chunk) :]
-                    except OSError:  # EPIPE: the reader stopped; keep hashing
-                        writing = False
-        except BaseException as e:  # reported by the main thread
+            self.file.seek(bundle.payload_offset)
+        except OSError:
+            self.file.close()
+            raise
+        self.remaining = bundle.manifest.payload.size
+        self.progress = progress
+        self.hash = hashlib.sha256()
+        self.short = 0  # bytes the bundle file lacks at the end
+        self.error: OSError | None = None
+        self._buffers = [ctypes.create_string_buffer(BLOCK) for _ in range(self.BUFFERS)]
+        self._views = [memoryview(b).cast("B") for b in self._buffers]
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._hashing: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        for i in range(self.BUFFERS):
+            self._free.put(i)
+        self._hasher = threading.Thread(target=self._hash_blocks, name="payload-hasher", daemon=True)
+        self._hasher.start()
+        # libarchive keeps the pointer: the callback object must live as long as this source.
+        self.callback = READ_CALLBACK(self._read)
+
+    def _hash_blocks(self) -> None:
+        while (block := self._hashing.get()) is not None:
+            i, n = block
+            self.hash.update(self._views[i][:n])  # releases the GIL
+            self._free.put(i)
+
+    def _next(self) -> tuple[int, int]:
+        """Read the next block into a free buffer and queue it for hashing: (buffer, length), length 0 at the end."""
+        if not self.remaining:
+            return 0, 0
+        i = self._free.get()
+        n = self.file.readinto(self._views[i][: min(BLOCK, self.remaining)])
+        if not n:
+            self._free.put(i)
+            self.short, self.remaining = self.remaining, 0
+            return 0, 0
+        self._hashing.put((i, n))
+        self.remaining -= n
+        if self.progress is not None:
+            self.progress.update(n)
+        return i, n
+
+    def _read(self, archive: int, context: int, out: ctypes._Pointer) -> int:
+        try:
+            i, n = self._next()
+        except OSError as e:
+            self.error = e
+            return ARCHIVE_FATAL
+        out[0] = ctypes.addressof(self._buffers[i])
+        return n
+
+    def attach(self, archive: int) -> int:
+        """Make this source the input of `archive`; returns libarchive's result."""
+        return _A.read_open(archive, None, None, self.callback, None)
+
+    def finish(self, *, hash_rest: bool = True) -> str:
+        """Hash what libarchive did not read (the tar's padding, or all the rest after a failure:
+        a changed payload is then reported as what it is, not as whatever broke first); return the
+        sha256 of what was read."""
+        try:
+            while hash_rest and self._next()[1]:
+                pass
+        except OSError as e:
             self.error = e
         finally:
+            self._hashing.put(None)
+            self._hasher.join()
+            self.file.close()
+        return self.hash.hexdigest()
+
+
+class _Decompressor(threading.Thread):
+    """Decompresses the source with a libarchive filter (raw format) into a pipe, in a thread of its
+    own: libarchive runs without the GIL, so decompressing and writing files use two cores, as with
+    GNU tar's `-I zstd` child."""
+
+    def __init__(self, source: _Source, filt: str, pipe: int) -> None:
+        super().__init__(name="payload-decompressor", daemon=True)
+        self.source, self.filt, self.pipe = source, filt, pipe
+        self.error: str | None = None
+
+    def run(self) -> None:
+        a = _A.read_new()
+        try:
+            _A.support_raw(a)
+            _A.filters[self.filt](a)
+            entry = c_void_p()
+            if self.source.attach(a) != ARCHIVE_OK or _A.next_header(a, byref(entry)) != ARCHIVE_OK:
+                self.error = _reason(a)
+                return
+            buf = ctypes.create_string_buffer(BLOCK)
+            view = memoryview(buf).cast("B")
+            while (n := _A.read_data(a, buf, BLOCK)) > 0:
+                chunk = view[:n]
+                while chunk:
+                    chunk = chunk[os.write(self.pipe, chunk) :]
+            if n < 0:
+                self.error = _reason(a)
+        except BrokenPipeError:
+            pass  # the extraction stopped reading: it reports its own error
+        finally:
             os.close(self.pipe)
+            _A.read_free(a)
 
 
 class _PayloadStream:
-    """The payload as a readable fd: the tar stream, or the compressed stream plus the libarchive
-    filter to apply. A feeder thread copies and hashes the bytes from the bundle.
-
-    zstd is decompressed by a `zstd -dc` child when the program is there, as GNU tar does: then
-    hashing, decompression and writing files run on different cores.
-    """
+    """The payload's tar stream for the extractor: read straight from the source when uncompressed,
+    else from a pipe that a decompressor thread fills."""
 
     def __init__(self, bundle: VerifiedBundle, progress: Progress | None) -> None:
-        payload = bundle.manifest.payload
-        compression = str(payload.compression)
-        self.filter: str | None = None if compression in ("none", "zstd") else compression
+        compression = str(bundle.manifest.payload.compression)
         if compression not in ("none", *_A.filters):
             raise Failed(f"payload compression {compression!r} is not supported")
-        self.child: subprocess.Popen[bytes] | None = None
-        self._errors: BinaryIO | None = None
-        src = open(bundle.path, "rb", buffering=0)
-        feed_r, feed_w = os.pipe()
-        try:
-            src.seek(bundle.payload_offset)
-            zstd = _zstd_program() if compression == "zstd" else None
-            if zstd is not None:
-                argv = [zstd, "-dcq", "--no-progress"]
-                log.debug("+ %s", shlex.join(argv))
-                self._errors = tempfile.TemporaryFile()
-                self.child = subprocess.Popen(argv, stdin=feed_r, stdout=subprocess.PIPE, stderr=self._errors)
-                os.close(feed_r)
-                assert self.child.stdout is not None
-                self.fd = self.child.stdout.fileno()
-            else:
-                self.fd = feed_r
-                if compression == "zstd":
-                    self.filter = "zstd"
-        except BaseException:
-            src.close()
-            os.close(feed_w)
-            if self.child is None:
-                os.close(feed_r)
-            raise
-        _grow_pipe(self.fd)
-        self.feeder = _Feeder(src, payload.size, feed_w, progress)
-        self.feeder.start()
+        self.source = _Source(bundle, progress)
+        self.decompressor: _Decompressor | None = None
+        self.sha256: str | None = None  # of the payload as read, once closed
+        self._pipe: int | None = None
+        if compression != "none":
+            try:
+                self._pipe, write_end = os.pipe()
+            except OSError:
+                self.source.finish(hash_rest=False)
+                raise
+            _grow_pipe(self._pipe)
+            self.decompressor = _Decompressor(self.source, compression, write_end)
+            self.decompressor.start()
+
+    def attach(self, archive: int) -> int:
+        if self._pipe is None:
+            return self.source.attach(archive)
+        return _A.read_open_fd(archive, self._pipe, BLOCK)
 
     def close(self, *, complete: bool, abort: bool = False) -> Failed | None:
-        """Stop reading and wait for the helpers; return the decompressor's failure, if any.
+        """Stop reading and wait for the decompressor; return its failure, if any.
 
-        If the tar was `complete`, the rest of the stream is read first, so the decompressor finishes
-        and its exit status means something. The feeder hashes to the end unless asked to `abort`.
+        After a `complete` tar the rest of the stream is read, so that the decompressor finishes and a
+        broken end of the stream is noticed. The source is hashed to its end unless `abort`.
         """
-        if abort:
-            self.feeder.stop.set()
         try:
-            if complete:
-                _drain(self.fd)
+            if self._pipe is not None:
+                try:
+                    if complete:
+                        _drain(self._pipe)
+                finally:
+                    os.close(self._pipe)  # a decompressor still writing gets EPIPE and stops
+            if self.decompressor is not None:
+                self.decompressor.join()
         finally:
-            if self.child is not None:
-                assert self.child.stdout is not None
-                self.child.stdout.close()
-                if not complete:
-                    self.child.kill()
-                self.child.wait()
-            else:
-                os.close(self.fd)
-            self.feeder.join()
-            self.feeder.src.close()
-        failure = None
-        if complete and self.child is not None and self.child.returncode != 0:
-            assert self._errors is not None
-            self._errors.seek(0)
-            tail = self._errors.read().decode(errors="replace").strip().splitlines()[-1:]
-            failure = Failed(f"zstd exited with status {self.child.returncode}" + (f": {tail[0]}" if tail else ""))
-        if self._errors is not None:
-            self._errors.close()
-        return failure
-
-
-def _zstd_program() -> str | None:
-    """The zstd program for decompressing in a child process, if installed (else libarchive's own)."""
-    return shutil.which("zstd")
+            self.sha256 = self.source.finish(hash_rest=not abort)
+        if complete and self.decompressor is not None and self.decompressor.error is not None:
+            return Failed(f"Failed to decompress the payload: {self.decompressor.error}")
+        return None
 
 
 def _grow_pipe(fd: int) -> None:
     """Fewer, larger reads from the pipe (Linux default is 64 KiB)."""
     try:
-        import fcntl
-
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, BLOCK)
-    except (OSError, AttributeError):
+    except OSError:
         pass
 
 
 def _drain(fd: int) -> None:
-    """Read what follows the tar's end marker, so the decompressor and the feeder can finish."""
+    """Read what follows the tar's end marker, so the decompressor can finish."""
     while os.read(fd, BLOCK):
         pass
 
@@ -347,23 +387,20 @@ def _times(entry: c_void_p) -> tuple[int, int]:
     return _A.atime(entry) * 1_000_000_000 + _A.atime_nsec(entry), mtime
 
 
-def _extract_stream(fd: int, filt: str | None) -> ExtractStats:
-    """Extract the tar stream on `fd` into the current directory; count entries and file bytes."""
+def _extract_stream(stream: _PayloadStream) -> ExtractStats:
+    """Extract the payload's tar stream into the current directory; count entries and file bytes."""
     a = _A.read_new()
     d = _A.disk_new()
     if not a or not d:
         raise Failed("libarchive: out of memory")
-    entry, buf = c_void_p(), c_void_p()
-    size, offset = c_size_t(), c_longlong()
+    entry = c_void_p()
     files = nbytes = 0
     name = previous = b""
     root_times: tuple[int, int] | None = None
     try:
         _A.support_tar(a)
-        if filt is not None:
-            _A.filters[filt](a)
         _A.disk_options(d, int(EXTRACT_FLAGS))
-        if _A.read_open_fd(a, fd, BLOCK) != ARCHIVE_OK:
+        if stream.attach(a) != ARCHIVE_OK:
             raise Failed(f"Failed to read payload: {_reason(a)}")
         while True:
             r = _A.next_header(a, byref(entry))
@@ -379,16 +416,10 @@ def _extract_stream(fd: int, filt: str | None) -> ExtractStats:
             files += 1
             if filetype == AE_IFREG and hardlink is None:
                 nbytes += _A.size(entry)
-            if _A.write_header(d, entry) != ARCHIVE_OK:
-                raise Failed(f"Failed to extract {_show(name)}: {_reason(d)}")
-            if not _A.size_is_set(entry) or _A.size(entry) > 0:
-                while (r := _A.data_block(a, byref(buf), byref(size), byref(offset))) == ARCHIVE_OK:
-                    if _A.write_block(d, buf, size, offset) != ARCHIVE_OK:
-                        raise Failed(f"Failed to extract {_show(name)}: {_reason(d)}")
-                if r != ARCHIVE_EOF:
-                    raise Failed(f"Failed to extract {_show(name)}: {_reason(a)}")
-            if _A.finish_entry(d) != ARCHIVE_OK:
-                raise Failed(f"Failed to extract {_show(name)}: {_reason(d)}")
+            # Header, data and metadata in one call into libarchive: less Python per entry. It
+            # reports any failure, the disk writer's included, on the reading archive.
+            if _A.extract2(a, entry, d) != ARCHIVE_OK:
+                raise Failed(f"Failed to extract {_show(name)}: {_reason(a)}")
             if filetype == AE_IFDIR and _is_root(name):
                 root_times = _times(entry)
         # Directory modes and times are set last, here: a read-only directory must not stop its
@@ -430,7 +461,7 @@ def extract_payload(bundle: VerifiedBundle, target: Path, *, progress: Progress 
     stream = _PayloadStream(bundle, progress)
     try:
         with _working_directory(target):
-            stats = _extract_stream(stream.fd, stream.filter)
+            stats = _extract_stream(stream)
     except Failed as e:
         failure = e
     except OSError as e:
@@ -439,12 +470,12 @@ def extract_payload(bundle: VerifiedBundle, target: Path, *, progress: Progress 
         stream.close(complete=False, abort=True)
         raise
     failure = stream.close(complete=stats is not None) or failure
-    feeder = stream.feeder
-    if feeder.error is not None:
-        raise Failed(f"Failed to read payload from {bundle.path}: {feeder.error}") from feeder.error
-    if feeder.short:
-        raise Failed(f"bundle {bundle.path} ends {feeder.short} bytes before the end of its payload")
-    if feeder.hash.hexdigest() != manifest.payload.sha256:
+    source = stream.source
+    if source.error is not None:
+        raise Failed(f"Failed to read the payload from {bundle.path}: {source.error.strerror or source.error}")
+    if source.short:
+        raise Failed(f"bundle {bundle.path} ends {source.short} bytes before the end of its payload")
+    if stream.sha256 != manifest.payload.sha256:
         raise Failed("payload sha256 mismatch during extraction") from failure
     if failure is not None:
         raise failure
@@ -479,7 +510,7 @@ def check_target(target: Path) -> None:
 
 def _fs_identity(device: Path) -> tuple[str | None, str | None]:
     """(label, uuid) of the file system on `device`, read with blkid without trusting its cache."""
-    proc = run(["blkid", "-p", "-o", "export", device], check=False)
+    proc = run(["blkid", "-p", "-o", "export", device], check=False, error=Rejected)
     values = dict(line.split("=", 1) for line in proc.stdout.decode(errors="replace").splitlines() if "=" in line)
     return values.get("LABEL"), values.get("UUID")
 
@@ -505,6 +536,10 @@ def erase(device: Path, *, label: str | None = None, uuid: str | None = None) ->
         uuid = old_uuid if uuid is None else uuid
     if not uuid:
         raise Rejected(f"cannot erase {device}: no file system UUID to keep (pass it explicitly)")
+    try:
+        uuid = str(uuidlib.UUID(uuid))
+    except ValueError:
+        raise Rejected(f"cannot erase {device}: {uuid!r} is not a UUID that ext4 can carry") from None
     argv: list[str | os.PathLike[str]] = ["mkfs.ext4", "-F", "-q", "-U", uuid]
     if label:
         argv += ["-L", label]

@@ -12,13 +12,12 @@ import io
 import os
 import stat
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 
-import recovery.install as install
 from recovery.bundle import Compression
 from recovery.errors import Failed
 from recovery.install import extract_payload
@@ -120,14 +119,14 @@ def extract_hostile(arena: Path, payload: bytes, compression: Compression = Comp
         payload = subprocess.run(["zstd", "-q", "-c"], input=payload, capture_output=True, check=True).stdout
     bundle = raw_bundle(arena / "hostile.bundle", payload, compression=compression, offset=1536)
     outside_before = tree_state(arena / "outside")
-    children_before = {p.pid for p in psutil.Process().children(recursive=True)}
+    threads_before = threading.active_count()
     cwd = os.getcwd()
     with pytest.raises(Failed) as info:
         extract_payload(bundle, arena / "target")
     assert tree_state(arena / "outside") == outside_before
     assert sorted(p.name for p in arena.iterdir()) == ["hostile.bundle", "outside", "target"]
     assert os.getcwd() == cwd
-    assert {p.pid for p in psutil.Process().children(recursive=True)} == children_before  # no zstd left over
+    assert threading.active_count() == threads_before  # the decompressor thread has ended
     message = str(info.value)
     assert "\n" not in message
     return info.value
@@ -223,9 +222,3 @@ def test_garbage_payload(arena: Path, compression: Compression) -> None:
     e = extract_hostile(arena, os.urandom(3000), compression)
     assert str(e) == "Failed to read payload: Unrecognized archive format"
 
-
-def test_in_process_zstd_is_as_strict(arena: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(install, "_zstd_program", lambda: None)
-    e = extract_hostile(arena, tar(Entry(b"link", b"2", link=b"../outside/dir"), Entry(b"link/evil", data=b"x")),
-                        Compression.zstd)
-    assert str(e).startswith("Failed to extract link/evil: ")
