@@ -1,0 +1,42 @@
+"""`python -m bench --quick` runs end to end on small inputs and reports every measurement."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.tree import SPECS, generate
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bench_quick(tmp_path: Path) -> None:
+    report = tmp_path / "performance.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--repeat", "1", "--cache", tmp_path / "cache", "--output", report],
+        cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for row in ("| recovery extract_payload |", "| GNU tar -I zstd |", "| recovery verify |", "| sha256sum |"):
+        assert re.search(re.escape(row) + r" [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d,]+ \|", out), row
+    assert re.search(r"Throughput ours / GNU tar: \*\*[\d.]+x\*\*", out)
+    assert re.search(r"Throughput ours / sha256sum: \*\*[\d.]+x\*\*", out)
+    memory = re.search(r"\| quick \| [\d.,]+ MiB \| ([\d.,]+) MiB \| [\d.]+ \| ([\d.,]+) MiB \|", out)
+    assert memory, out
+    # A Python process with its libraries is tens of MiB: not zero, and not the benchmark's own size.
+    assert all(5 < float(m.replace(",", "")) < 500 for m in memory.groups())
+    assert re.search(r"\| quick \| [\d,]+ \| [\d,]+ \(", out)
+    assert report.read_text().startswith("# Performance") and "### Peak memory" in report.read_text()
+
+
+def test_tree_is_deterministic(tmp_path: Path) -> None:
+    first = generate(SPECS["quick"], tmp_path / "a")
+    second = generate(SPECS["quick"], tmp_path / "b")
+    assert (first.files, first.bytes) == (second.files, second.bytes)
+    names = sorted(p.relative_to(first.path) for p in first.path.rglob("*"))
+    assert names == sorted(p.relative_to(second.path) for p in second.path.rglob("*"))
+    sample = [n for n in names if (first.path / n).is_file() and not (first.path / n).is_symlink()][:50]
+    assert all((first.path / n).read_bytes() == (second.path / n).read_bytes() for n in sample)
