@@ -304,13 +304,13 @@ def _mount_cfg(config: RecoveryConfig) -> Path:
     from .devices import find_device, mount
     from .instruction import DiskSpec
 
+    if os.path.ismount(CFG_MOUNT):
+        return CFG_MOUNT
     node = find_device(DiskSpec.parse(config.cfg), timeout=config.device_timeout)
     # A power cut may have left cfg dirty: repair what e2fsck -p repairs safely before mounting rw.
     proc = run(["e2fsck", "-p", node], check=False)
     if proc.returncode >= 4:
         raise Failed(f"cfg file system on {node} needs manual repair (e2fsck exit {proc.returncode})")
-    if os.path.ismount(CFG_MOUNT):
-        return CFG_MOUNT
     return mount(node, CFG_MOUNT, options="rw,nosuid,nodev,noexec,sync")
 
 
