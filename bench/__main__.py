@@ -121,24 +121,29 @@ def render(r: Results) -> str:
     def timing_table(title: str, timings: dict[str, Timing], nbytes: int, what: str) -> list[str]:
         out = [
             "", f"### {title}", "",
-            f"Median of {len(next(iter(timings.values())).runs)} runs; MiB/s of {what} per median second.", "",
-            "| tool | median s | min s | max s | MiB/s |", "|---|---:|---:|---:|---:|",
+            f"Median of {len(next(iter(timings.values())).runs)} runs; MiB/s of {what} per median second; "
+            "CPU is user + system time of all threads and child processes.", "",
+            "| tool | median s | min s | max s | MiB/s | CPU s (median) |", "|---|---:|---:|---:|---:|---:|",
         ]
         for name, t in timings.items():
-            out.append(f"| {name} | {t.median:.2f} | {t.min:.2f} | {t.max:.2f} | {_rate(nbytes, t.median)} |")
+            out.append(f"| {name} | {t.median:.2f} | {t.min:.2f} | {t.max:.2f} | {_rate(nbytes, t.median)} | "
+                       f"{t.cpu_median:.2f} |")
         return out
+
+    def ratios(ours: Timing, ref: Timing) -> str:
+        return (f"fastest runs {ref.min / ours.min:.2f}x, CPU time {ref.cpu_median / ours.cpu_median:.2f}x")
 
     ours, tar = r.extract["recovery extract_payload"], r.extract["GNU tar -I zstd"]
     ratio = tar.median / ours.median
     lines += timing_table(f"Payload extraction ({main.name} tree)", r.extract, main.tree.bytes, "tree data")
     lines += ["", f"Throughput ours / GNU tar: **{ratio:.2f}x** (goal >= {GOALS['extract']:.1f}x: "
-                  f"{_verdict(ratio >= GOALS['extract'])})."]
+                  f"{_verdict(ratio >= GOALS['extract'])}); {ratios(ours, tar)}."]
 
     ours, ref = r.verify["recovery verify"], r.verify["sha256sum"]
     ratio = ref.median / ours.median
     lines += timing_table(f"Verification ({main.name} bundle)", r.verify, main.bundle_size, "bundle")
     lines += ["", f"Throughput ours / sha256sum: **{ratio:.2f}x** (goal >= {GOALS['verify']:.1f}x: "
-                  f"{_verdict(ratio >= GOALS['verify'])})."]
+                  f"{_verdict(ratio >= GOALS['verify'])}); {ratios(ours, ref)}."]
 
     lines += [
         "", "### Peak memory (ru_maxrss of the child process)", "",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -15,9 +16,10 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Timing:
-    """Wall-clock seconds of repeated runs of the same thing."""
+    """Wall-clock and CPU seconds (user + system, threads and children included) of repeated runs."""
 
     runs: tuple[float, ...]
+    cpu: tuple[float, ...]
 
     @property
     def median(self) -> float:
@@ -31,20 +33,29 @@ class Timing:
     def max(self) -> float:
         return max(self.runs)
 
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu)
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
 
 def interleaved(contenders: dict[str, Callable[[], object]], *, repeat: int,
                 before: Callable[[], None] | None = None) -> dict[str, Timing]:
     """Time each contender `repeat` times, taking turns round by round, so that a burst of load from
     elsewhere on the machine hits all of them rather than one. `before` runs untimed before each run."""
-    runs: dict[str, list[float]] = {name: [] for name in contenders}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
     for _ in range(repeat):
         for name, fn in contenders.items():
             if before is not None:
                 before()
-            start = time.perf_counter()
+            cpu, start = _cpu_seconds(), time.perf_counter()
             fn()
-            runs[name].append(time.perf_counter() - start)
-    return {name: Timing(tuple(values)) for name, values in runs.items()}
+            runs[name].append((time.perf_counter() - start, _cpu_seconds() - cpu))
+    return {name: Timing(tuple(w for w, _ in v), tuple(c for _, c in v)) for name, v in runs.items()}
 
 
 @dataclass(frozen=True)
