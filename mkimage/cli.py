@@ -34,7 +34,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     from .build import build
     from .config import load_config
 
-    build(load_config(args.config, output=args.output))
+    result = build(load_config(args.config, output=args.output))
+    print(f"wrote {result.disk}")
+    for version, bundle in result.bundles.items():
+        print(f"wrote {bundle} ({version})")
+    print(f"wrote {result.keys / 'signing.pub'} and {result.recovery}/")
     return 0
 
 
@@ -42,7 +46,8 @@ def cmd_recovery(args: argparse.Namespace) -> int:
     from .build import build_recovery_only
     from .config import load_config
 
-    build_recovery_only(load_config(args.config, output=args.output))
+    recovery = build_recovery_only(load_config(args.config, output=args.output))
+    print(f"wrote {recovery}/: vmlinuz, initrd.img, recovery.ext4 (the partition), grub-recovery.cfg")
     return 0
 
 

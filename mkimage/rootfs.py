@@ -17,7 +17,11 @@ from recovery.run import run
 log = logging.getLogger(__name__)
 
 # Bump when the way a root is made changes in a way its inputs do not show.
-RECIPE = 1
+RECIPE = 2
+
+# mmdebstrap's own hook: merged /usr from the start with usr-is-merged, so that apt does not pull
+# in usrmerge (and with it perl, 50 MB) to satisfy init-system-helpers.
+MERGED_USR_HOOKS = Path("/usr/share/mmdebstrap/hooks/merged-usr")
 
 # Documentation, manuals and translations are never read on an appliance; dpkg leaves them out.
 DPKG_EXCLUDES = (
@@ -85,6 +89,7 @@ def build_rootfs(spec: RootfsSpec, cache: Path) -> Path:
         mode = "root" if os.geteuid() == 0 else "unshare"
         argv: list[str] = [
             "mmdebstrap", f"--mode={mode}", f"--variant={spec.variant}", "--format=directory",
+            f"--hook-dir={MERGED_USR_HOOKS}",
             "--include=" + ",".join(spec.packages),
             *(f"--dpkgopt=path-exclude={p}" for p in DPKG_EXCLUDES),
             *(f"--dpkgopt=path-include={p}" for p in DPKG_INCLUDES),
