@@ -171,6 +171,9 @@ def _check_entry(name: bytes, hardlink: bytes | None, filetype: int) -> None:
         why = f"hard link to {_show(hardlink)}: {why}"
     if why is not None:
         raise Failed(f"Failed to extract {_show(name)}: {why}")
+    # access() says "no" without raising: cheaper than lstat's exception for the usual new path.
+    if not os.access(name, os.F_OK, follow_symlinks=False):
+        return
     try:
         existing = os.lstat(name)
     except OSError:
@@ -402,23 +405,27 @@ def _extract_stream(stream: _PayloadStream) -> ExtractStats:
         _A.disk_options(d, int(EXTRACT_FLAGS))
         if stream.attach(a) != ARCHIVE_OK:
             raise Failed(f"Failed to read payload: {_reason(a)}")
+        # The loop runs once per entry, tens of thousands of times: libarchive's functions as locals.
+        next_header, pathname, filetype_of, hardlink_of, size_of, extract2 = (
+            _A.next_header, _A.pathname, _A.filetype, _A.hardlink, _A.size, _A.extract2)
+        entry_ref = byref(entry)
         while True:
-            r = _A.next_header(a, byref(entry))
+            r = next_header(a, entry_ref)
             if r == ARCHIVE_EOF:
                 break
-            name = _A.pathname(entry) or b""
+            name = pathname(entry) or b""
             if r != ARCHIVE_OK and not (r == ARCHIVE_WARN and _raw_name_kept(a)):
                 raise Failed(f"Failed to extract {_show(name) or 'the entry after ' + _show(previous)}: {_reason(a)}")
             previous = name
-            filetype = _A.filetype(entry) & AE_IFMT
-            hardlink = _A.hardlink(entry)
+            filetype = filetype_of(entry) & AE_IFMT
+            hardlink = hardlink_of(entry)
             _check_entry(name, hardlink, filetype)
             files += 1
             if filetype == AE_IFREG and hardlink is None:
-                nbytes += _A.size(entry)
-            # Header, data and metadata in one call into libarchive: less Python per entry. It
-            # reports any failure, the disk writer's included, on the reading archive.
-            if _A.extract2(a, entry, d) != ARCHIVE_OK:
+                nbytes += size_of(entry)
+            # Header, data and metadata in one call into libarchive. It reports any failure, the
+            # disk writer's included, on the reading archive.
+            if extract2(a, entry, d) != ARCHIVE_OK:
                 raise Failed(f"Failed to extract {_show(name)}: {_reason(a)}")
             if filetype == AE_IFDIR and _is_root(name):
                 root_times = _times(entry)
