@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 # Bump when the way a root is made changes in a way its inputs do not show.
 RECIPE = 2
+# Roots kept per name (system, recovery): enough for a few configurations side by side.
+KEEP = 3
 
 # mmdebstrap's own hook: merged /usr from the start with usr-is-merged, so that apt does not pull
 # in usrmerge (and with it perl, 50 MB) to satisfy init-system-helpers.
@@ -70,6 +72,7 @@ def build_rootfs(spec: RootfsSpec, cache: Path) -> Path:
     marker = target.with_name(target.name + ".json")
     if marker.exists() and target.is_dir():
         log.info("reusing cached %s root %s", spec.name, target)
+        marker.touch()  # most recently used: kept when the cache is pruned
         return target
     with step(f"Building the {spec.name} root with mmdebstrap ({len(spec.packages)} packages)"):
         partial = target.with_name(target.name + ".partial")
@@ -107,7 +110,19 @@ def build_rootfs(spec: RootfsSpec, cache: Path) -> Path:
             shutil.rmtree(target)
         partial.rename(target)
         marker.write_text(json.dumps(asdict(spec), indent=1) + "\n")
+    prune(cache / "rootfs", spec.name)
     return target
+
+
+def prune(directory: Path, name: str, keep: int = KEEP) -> None:
+    """Delete all but the `keep` most recently used roots called `name` (each is hundreds of MB)."""
+    markers = sorted(directory.glob(f"{name}-*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in markers[keep:]:
+        root = old.with_suffix("")
+        log.info("pruning the cached %s root %s", name, root)
+        old.unlink()
+        if root.is_dir():
+            shutil.rmtree(root)
 
 
 def kernel_version(root: Path) -> str:

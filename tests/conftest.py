@@ -39,20 +39,24 @@ def built_image():
     from mkimage.build import BuildResult, build
     from mkimage.config import load_config
 
+    import fcntl
+
     key = image_inputs_hash()
     out = TEST_IMAGES / key
     config = load_config(None, output=out)
     stamp = out / ".complete"
-    if stamp.exists():
-        keys = out / "keys"
-        return BuildResult(
-            config=config, disk=out / "disk.img", keys=keys, recovery=out / "recovery",
-            bundles={v: out / f"{config.product}-{v}.bundle" for v in config.releases},
-        )
-    if TEST_IMAGES.is_dir():
+    TEST_IMAGES.mkdir(parents=True, exist_ok=True)
+    # Two pytest sessions (unit tests, VM tests) may want the image at once: one builds, one waits.
+    with open(TEST_IMAGES / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.exists():
+            return BuildResult(
+                config=config, disk=out / "disk.img", keys=out / "keys", recovery=out / "recovery",
+                bundles={v: out / f"{config.product}-{v}.bundle" for v in config.releases},
+            )
         for old in TEST_IMAGES.iterdir():  # earlier inputs: only one image is kept
             if old.is_dir() and old.name != key:
                 shutil.rmtree(old, ignore_errors=True)
-    result = build(config)
-    stamp.write_text(key + "\n")
-    return result
+        result = build(config)
+        stamp.write_text(key + "\n")
+        return result

@@ -75,3 +75,23 @@ def test_second_build_of_the_demo_reuses_its_roots(built_image, no_mmdebstrap, c
             root = build_rootfs(s, config.cache)
             assert (root / "usr/bin/python3").exists()
     assert caplog.text.count("reusing cached") == 2
+
+
+def test_prune_keeps_the_most_recently_used(tmp_path):
+    import os
+    import time
+
+    from mkimage.rootfs import prune
+
+    now = time.time()
+    for i in range(5):
+        (tmp_path / f"system-{i}").mkdir()
+        marker = tmp_path / f"system-{i}.json"
+        marker.write_text("{}")
+        os.utime(marker, (now - 100 * i, now - 100 * i))  # system-0 is the newest
+    (tmp_path / "recovery-x").mkdir()
+    (tmp_path / "recovery-x.json").write_text("{}")
+    prune(tmp_path, "system", keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "recovery-x", "recovery-x.json", "system-0", "system-0.json", "system-1", "system-1.json",
+    ]
