@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
@@ -189,7 +190,12 @@ def _cpio_zstd(root: Path, paths: list[str], output: Path, *, level: int) -> Non
         cwd=root,
     )
     threads = max(1, min(2, os.cpu_count() or 1))
-    run(["zstd", "-q", "-f", f"-{level}", f"-T{threads}", "--rm", raw, "-o", output])
+    argv = ["zstd", "-f", f"-{level}", f"-T{threads}", "--rm", raw, "-o", output]
+    if sys.stderr.isatty() and raw.stat().st_size > 16 * 2**20:
+        # A minute at -19: let zstd show its own live progress on a terminal.
+        run([*argv, "--progress"], capture=False)
+    else:
+        run([*argv, "-q"])
     # The kernel finds the next archive only at a 4-byte boundary: pad this one with zeros.
     size = output.stat().st_size
     if size % 4:
