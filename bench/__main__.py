@@ -173,10 +173,10 @@ extraction starts in an empty directory on the same ext4 file system after `sync
 take turns run by run, and everything is read from the page cache.
 
 GNU tar runs as `tar --xattrs --xattrs-include='*' --acls --numeric-owner -p -I zstd -xf payload`.
-Ours (`extract_payload`) reads the payload out of the bundle through a libarchive read callback,
-hashes it again in a thread of its own, decompresses with libarchive's zstd filter in another thread
-(as GNU tar's zstd child runs beside tar), and extracts with libarchive with the secure flags,
-owners, ACLs, xattrs and sparse files. Peak memory is ru_maxrss of the command, reported by a small
+Ours (`extract_payload`) reads the payload out of the bundle through a libarchive read callback
+that hashes it again, decompresses with libarchive's zstd filter in a second thread (as GNU tar's
+zstd child runs beside tar), and extracts with libarchive with the secure flags, owners, ACLs,
+xattrs and sparse files. Peak memory is ru_maxrss of the command, reported by a small
 launcher (bench/peak.py) so that the benchmark's own memory is not counted.
 
 Reading the numbers: this machine is a 2-CPU virtual machine shared with other jobs, and writing

@@ -9,7 +9,6 @@ import errno
 import fcntl
 import hashlib
 import os
-import queue
 import stat
 import threading
 import uuid as uuidlib
@@ -59,7 +58,7 @@ class _A:
     read_new = _fn("read_new", c_void_p)
     support_tar = _fn("read_support_format_tar", c_int, c_void_p)
     support_raw = _fn("read_support_format_raw", c_int, c_void_p)
-    read_data = _fn("read_data", ctypes.c_ssize_t, c_void_p, c_void_p, c_size_t)
+    data_into_fd = _fn("read_data_into_fd", c_int, c_void_p, c_int)
     filters = {
         "zstd": _fn("read_support_filter_zstd", c_int, c_void_p),
         "xz": _fn("read_support_filter_xz", c_int, c_void_p),
@@ -190,13 +189,7 @@ def _check_entry(name: bytes, hardlink: bytes | None, filetype: int) -> None:
 
 class _Source:
     """Exactly `size` payload bytes from the bundle, handed to libarchive by a read callback and
-    hashed on the way, so what is extracted is what is hashed.
-
-    A thread of its own hashes each block while the next is read and decompressed; a block's buffer
-    is reused only once it is hashed (libarchive is done with a block when it asks for the next).
-    """
-
-    BUFFERS = 3
+    hashed on the way, so what is extracted is exactly what is hashed."""
 
     def __init__(self, bundle: VerifiedBundle, progress: Progress | None) -> None:
         self.file = open(bundle.path, "rb", buffering=0)
@@ -210,46 +203,33 @@ class _Source:
         self.hash = hashlib.sha256()
         self.short = 0  # bytes the bundle file lacks at the end
         self.error: OSError | None = None
-        self._buffers = [ctypes.create_string_buffer(BLOCK) for _ in range(self.BUFFERS)]
-        self._views = [memoryview(b).cast("B") for b in self._buffers]
-        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._hashing: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
-        for i in range(self.BUFFERS):
-            self._free.put(i)
-        self._hasher = threading.Thread(target=self._hash_blocks, name="payload-hasher", daemon=True)
-        self._hasher.start()
+        # libarchive is done with a block when it asks for the next, so one buffer serves.
+        self._buffer = ctypes.create_string_buffer(BLOCK)
+        self._view = memoryview(self._buffer).cast("B")
         # libarchive keeps the pointer: the callback object must live as long as this source.
         self.callback = READ_CALLBACK(self._read)
 
-    def _hash_blocks(self) -> None:
-        while (block := self._hashing.get()) is not None:
-            i, n = block
-            self.hash.update(self._views[i][:n])  # releases the GIL
-            self._free.put(i)
-
-    def _next(self) -> tuple[int, int]:
-        """Read the next block into a free buffer and queue it for hashing: (buffer, length), length 0 at the end."""
+    def _next(self) -> int:
+        """Read and hash the next block into the buffer; 0 at the end."""
         if not self.remaining:
-            return 0, 0
-        i = self._free.get()
-        n = self.file.readinto(self._views[i][: min(BLOCK, self.remaining)])
+            return 0
+        n = self.file.readinto(self._view[: min(BLOCK, self.remaining)])
         if not n:
-            self._free.put(i)
             self.short, self.remaining = self.remaining, 0
-            return 0, 0
-        self._hashing.put((i, n))
+            return 0
+        self.hash.update(self._view[:n])  # without the GIL: extraction goes on meanwhile
         self.remaining -= n
         if self.progress is not None:
             self.progress.update(n)
-        return i, n
+        return n
 
     def _read(self, archive: int, context: int, out: ctypes._Pointer) -> int:
         try:
-            i, n = self._next()
+            n = self._next()
         except OSError as e:
             self.error = e
             return ARCHIVE_FATAL
-        out[0] = ctypes.addressof(self._buffers[i])
+        out[0] = ctypes.addressof(self._buffer)
         return n
 
     def attach(self, archive: int) -> int:
@@ -261,21 +241,19 @@ class _Source:
         a changed payload is then reported as what it is, not as whatever broke first); return the
         sha256 of what was read."""
         try:
-            while hash_rest and self._next()[1]:
+            while hash_rest and self._next():
                 pass
         except OSError as e:
             self.error = e
         finally:
-            self._hashing.put(None)
-            self._hasher.join()
             self.file.close()
         return self.hash.hexdigest()
 
 
 class _Decompressor(threading.Thread):
     """Decompresses the source with a libarchive filter (raw format) into a pipe, in a thread of its
-    own: libarchive runs without the GIL, so decompressing and writing files use two cores, as with
-    GNU tar's `-I zstd` child."""
+    own: libarchive runs without the GIL, so reading, hashing and decompressing take one core and
+    writing files another, as with GNU tar's `-I zstd` child."""
 
     def __init__(self, source: _Source, filt: str, pipe: int) -> None:
         super().__init__(name="payload-decompressor", daemon=True)
@@ -291,16 +269,9 @@ class _Decompressor(threading.Thread):
             if self.source.attach(a) != ARCHIVE_OK or _A.next_header(a, byref(entry)) != ARCHIVE_OK:
                 self.error = _reason(a)
                 return
-            buf = ctypes.create_string_buffer(BLOCK)
-            view = memoryview(buf).cast("B")
-            while (n := _A.read_data(a, buf, BLOCK)) > 0:
-                chunk = view[:n]
-                while chunk:
-                    chunk = chunk[os.write(self.pipe, chunk) :]
-            if n < 0:
-                self.error = _reason(a)
-        except BrokenPipeError:
-            pass  # the extraction stopped reading: it reports its own error
+            # The whole stream in one call, in C: no Python (and no GIL) per block.
+            if _A.data_into_fd(a, self.pipe) != ARCHIVE_OK and _A.errno(a) != errno.EPIPE:
+                self.error = _reason(a)  # (EPIPE: the extraction stopped reading; it reports why)
         finally:
             os.close(self.pipe)
             _A.read_free(a)
