@@ -98,13 +98,16 @@ def mounted_at(target: Path) -> list[str]:
                 found.append(part.mountpoint)
         except OSError:
             continue
-    found += [f"swap ({line.split()[0]})" for line in _swaps() if _rdev(line.split()[0]) in numbers
-              or os.path.realpath(line.split()[0]) == real]
+    for swap in _swaps():
+        if _rdev(swap) in numbers or os.path.realpath(swap) == real:
+            found.append(f"swap ({swap})")
     return found
 
 
 def _swaps() -> list[str]:
+    """Active swap devices and files, from /proc/swaps."""
     try:
-        return Path("/proc/swaps").read_text().splitlines()[1:]
+        lines = Path("/proc/swaps").read_text().splitlines()[1:]
     except OSError:
         return []
+    return [line.split()[0] for line in lines if line.strip()]
