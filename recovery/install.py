@@ -375,7 +375,7 @@ def _extract_stream(stream: _PayloadStream) -> ExtractStats:
         _A.support_tar(a)
         _A.disk_options(d, int(EXTRACT_FLAGS))
         if stream.attach(a) != ARCHIVE_OK:
-            raise Failed(f"Failed to read payload: {_reason(a)}")
+            raise Failed(f"Failed to read the payload: {_reason(a)}")
         # The loop runs once per entry, tens of thousands of times: libarchive's functions as locals.
         next_header, pathname, filetype_of, hardlink_of, size_of, extract2 = (
             _A.next_header, _A.pathname, _A.filetype, _A.hardlink, _A.size, _A.extract2)
@@ -436,7 +436,10 @@ def extract_payload(bundle: VerifiedBundle, target: Path, *, progress: Progress 
     target = Path(os.path.abspath(target))
     stats: ExtractStats | None = None
     failure: Failed | None = None
-    stream = _PayloadStream(bundle, progress)
+    try:
+        stream = _PayloadStream(bundle, progress)
+    except OSError as e:
+        raise Failed(f"Failed to read the payload from {bundle.path}: {e.strerror or e}") from None
     try:
         with _working_directory(target):
             stats = _extract_stream(stream)

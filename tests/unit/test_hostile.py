@@ -220,5 +220,5 @@ def test_huge_claimed_size_with_truncated_data(arena: Path, compression: Compres
 
 def test_garbage_payload(arena: Path, compression: Compression) -> None:
     e = extract_hostile(arena, os.urandom(3000), compression)
-    assert str(e) == "Failed to read payload: Unrecognized archive format"
+    assert str(e) == "Failed to read the payload: Unrecognized archive format"
 

@@ -417,3 +417,11 @@ def test_erase_refuses_a_foreign_uuid(tmp_path: Path) -> None:
     with pytest.raises(Rejected, match="is not a UUID that ext4 can carry"):
         erase(image)
     assert image.read_bytes() == before
+
+
+def test_bundle_gone_after_verification_fails(small_bundle: VerifiedBundle, tmp_path: Path) -> None:
+    small_bundle.path.unlink()
+    target = tmp_path / "target"
+    target.mkdir()
+    with pytest.raises(Failed, match="^Failed to read the payload from .*: No such file or directory$"):
+        extract_payload(small_bundle, target)
