@@ -81,7 +81,7 @@ def recovery_spec(config: ImageConfig) -> RootfsSpec:
     return RootfsSpec(
         name="recovery", suite=config.suite, sources=config.apt_sources, packages=config.recovery_packages,
         # The kernel package builds an initrd nobody uses here: make it the quick kind.
-        files=(("etc/initramfs-tools/conf.d/mkimage.conf", "MODULES=list\n"),),
+        files=(("etc/initramfs-tools/conf.d/mkimage.conf", "MODULES=list\n", 0o644),),
     )
 
 

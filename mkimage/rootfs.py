@@ -46,9 +46,9 @@ class RootfsSpec:
     suite: str
     sources: tuple[str, ...]
     packages: tuple[str, ...]
-    # Files (path in the root, text) put in place before the packages are installed, so that their
-    # maintainer scripts see them (e.g. initramfs-tools settings).
-    files: tuple[tuple[str, str], ...] = ()
+    # Files (path in the root, text, mode) put in place before the packages are installed, so that
+    # their maintainer scripts see them (e.g. initramfs-tools settings).
+    files: tuple[tuple[str, str, int], ...] = ()
     # Shell snippets mmdebstrap runs with the root as "$1" after installing (its --customize-hook).
     hooks: tuple[str, ...] = ()
     variant: str = "minbase"
@@ -83,10 +83,11 @@ def build_rootfs(spec: RootfsSpec, cache: Path) -> Path:
         seed = partial.with_name(target.name + ".files")
         if seed.exists():
             shutil.rmtree(seed)
-        for rel, text in spec.files:
+        for rel, text, mode in spec.files:
             dest = seed / rel.lstrip("/")
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_text(text)
+            dest.chmod(mode)
         essential = [f"--essential-hook=sync-in {seed} /"] if spec.files else []
         # As root, mmdebstrap's root mode is simplest; otherwise it needs user namespaces.
         mode = "root" if os.geteuid() == 0 else "unshare"

@@ -73,14 +73,10 @@ def system_spec(config: ImageConfig) -> RootfsSpec:
         suite=config.suite,
         sources=config.apt_sources,
         packages=config.system_packages,
+        # In place before the kernel package, whose postinst then makes the small initrd once.
         files=(
-            ("etc/initramfs-tools/conf.d/mkimage.conf", INITRAMFS_CONF),
-            ("etc/initramfs-tools/hooks/mkimage", INITRAMFS_HOOK),
-        ),
-        hooks=(
-            'chmod 0755 "$1/etc/initramfs-tools/hooks/mkimage"',
-            # The hook came in before the kernel but let the initrd be rebuilt with it for certain.
-            'chroot "$1" update-initramfs -u -k all',
+            ("etc/initramfs-tools/conf.d/mkimage.conf", INITRAMFS_CONF, 0o644),
+            ("etc/initramfs-tools/hooks/mkimage", INITRAMFS_HOOK, 0o755),
         ),
     )
 

@@ -38,10 +38,11 @@ def test_key_covers_every_input():
         spec(suite="trixie").key(),
         spec(sources=("deb http://other.invalid/debian bookworm main",)).key(),
         spec(hooks=("true",)).key(),
-        spec(files=(("etc/x", "1"),)).key(),
+        spec(files=(("etc/x", "1", 0o644),)).key(),
+        spec(files=(("etc/x", "1", 0o755),)).key(),
         spec(variant="essential").key(),
     }
-    assert len(keys) == 7
+    assert len(keys) == 8
     assert spec().key() == spec().key()
 
 
