@@ -81,8 +81,10 @@ def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT) -> bool:
         )
         try:
             with machine:
-                machine.expect(r"VFS: |Kernel panic|Run /init", timeout=timeout)
-                machine.power_cut()
+                try:
+                    machine.expect(r"VFS: |Kernel panic|Run /init", timeout=timeout)
+                finally:
+                    machine.power_cut()  # a hung guest may not even let QEMU quit
             return True
         except (ConsoleTimeout, ConsoleClosed, VMError) as e:
             log.debug("KVM probe failed: %s", str(e).splitlines()[0])

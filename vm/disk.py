@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from recovery.errors import Failed
 from recovery.run import run
 
 from . import VMError
@@ -252,14 +251,12 @@ def _debugfs(image: Path, requests: list[str], *, writable: bool = False) -> str
     """Run debugfs requests on a file system image; returns its stderr (debugfs exits 0 regardless)."""
     with tempfile.NamedTemporaryFile("w", suffix=".debugfs", dir=image.parent, delete=False) as f:
         f.write("\n".join(requests) + "\n")
+    argv: list[str | os.PathLike[str]] = ["debugfs", *(["-w"] if writable else []), "-f", f.name, image]
     try:
-        argv = ["debugfs", *(["-w"] if writable else []), "-f", f.name, image]
-        proc = run(argv, check=False)
-    except Failed as e:
-        raise VMError(str(e)) from None
+        proc = run(argv, check=False, error=VMError)
     finally:
         os.unlink(f.name)
-    stderr = proc.stderr.decode(errors="replace")
+    stderr: str = proc.stderr.decode(errors="replace")
     if proc.returncode != 0:
         raise VMError(f"debugfs failed on {image.name}: {_last_line(stderr)}")
     return stderr

@@ -93,8 +93,8 @@ class Drive:
     """A disk image attached to the guest.
 
     `filters` wrap the format node, innermost first, so their offsets are the guest's; `device`
-    adds `-device` properties (e.g. `{"werror": "stop"}`); `cache` follows QEMU's `cache.direct` and
-    `cache.no-flush` split: writeback through the host page cache unless `direct`.
+    adds `-device` properties (e.g. `{"werror": "stop"}`). Writes go through the host's page cache
+    (they survive a killed QEMU) unless `direct`.
     """
 
     path: Path

@@ -161,9 +161,16 @@ class Machine:
         self._qmp = QEMUMonitorProtocol(str(qmp_path), server=True, nickname=self.name)
         argv = self.argv(qmp_path, console_path)
         log.debug("+ %s", shlex.join(argv))
-        with self.qemu_log.open("ab") as qemu_log:
-            # the one long-running child of the project: recovery.run.run() waits for its programs
-            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=subprocess.STDOUT)
+        try:
+            with self.qemu_log.open("ab") as qemu_log:
+                # the one long-running child of the project: recovery.run.run() waits for its programs
+                self._proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=subprocess.STDOUT
+                )
+        except FileNotFoundError:
+            listener.close()
+            self.close()
+            raise VMError(f"{QEMU} not found: install qemu-system-x86 (make setup)") from None
         try:
             conn = self._accept(listener)
             try:

@@ -358,16 +358,16 @@ def test_vm_run_shows_the_console_until_the_guest_powers_off(rig: Rig) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "vm", "run", "--kernel", rig.kernel, "--initrd", rig.initrd,
          "--append", f"{APPEND} rig.poweroff", "--memory", "256"],
-        stdin=subprocess.DEVNULL, capture_output=True, env={**os.environ, "VM_ACCEL": "tcg"}, timeout=BOOT,
+        stdin=subprocess.DEVNULL, capture_output=True, check=False, env={**os.environ, "VM_ACCEL": "tcg"}, timeout=BOOT,
     )
     assert proc.returncode == 0, proc.stderr.decode()
     assert b"rig: ready" in proc.stdout
 
 
 def test_vm_cli_errors() -> None:
-    demo = subprocess.run([sys.executable, "-m", "vm", "demo"], capture_output=True, text=True)
+    demo = subprocess.run([sys.executable, "-m", "vm", "demo"], capture_output=True, text=True, check=False)
     assert (demo.returncode, demo.stderr) == (2, "usage error: vm demo is not yet implemented\n")
-    missing = subprocess.run([sys.executable, "-m", "vm", "run", "/nonexistent.img"], capture_output=True, text=True)
+    missing = subprocess.run([sys.executable, "-m", "vm", "run", "/nonexistent.img"], capture_output=True, text=True, check=False)
     assert (missing.returncode, missing.stderr) == (1, "vm: /nonexistent.img not found\n")
 
 
@@ -387,7 +387,7 @@ def test_failing_test_reports_its_console_log(rig: Rig, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'base'}",
          "test_inner.py"],
-        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "VM_ACCEL": "tcg"}, timeout=BOOT,
+        cwd=tmp_path, capture_output=True, text=True, check=False, env={**os.environ, "VM_ACCEL": "tcg"}, timeout=BOOT,
     )
     assert proc.returncode == 1, proc.stdout
     match = re.search(r"console bios-1: (\S+console-bios-1\.log)", proc.stdout)
