@@ -24,8 +24,8 @@ from recovery.run import run
 from .config import ImageConfig
 from .libxml2stub import build_libxml2_stub
 from .modules import RECOVERY_MODULES, copy_modules
+from .project import install_project
 from .rootfs import RootfsSpec, build_rootfs, kernel_version
-from .system import install_project
 
 log = logging.getLogger(__name__)
 

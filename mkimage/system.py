@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
+from recovery.errors import Failed
 from recovery.output import step
 from recovery.run import run
 
 from .config import ImageConfig
 from .modules import SYSTEM_MODULES, trim_modules
+from .project import install_project
 from .rootfs import RootfsSpec, build_rootfs, kernel_version
-
-REPO = Path(__file__).resolve().parent.parent
 
 # Only what a virtual or plain PC disk needs at boot: initramfs-tools' "most" would make the
 # initrd several times bigger and GRUB slower to load it.
@@ -125,31 +124,12 @@ def prepare_system_tree(base: Path, config: ImageConfig, version: str, dest: Pat
     return dest
 
 
-def install_project(root: Path) -> None:
-    """Put the project's `recovery` package on the root's Python path, with its commands."""
-    site = root / "usr/lib/python3/dist-packages/recovery"
-    if site.exists():
-        shutil.rmtree(site)
-    shutil.copytree(REPO / "recovery", site, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for command, module in (("updatectl", "recovery.updatectl"), ("recovery", "recovery.cli")):
-        _write(
-            root / "usr/local/bin" / command,
-            f"#!/usr/bin/python3\nimport sys\nfrom {module} import main\nsys.exit(main())\n",
-            mode=0o755,
-        )
-    # The guest runs Debian 12's Python 3.11, like this host: byte-compiling here saves seconds under TCG.
-    if sys.version_info[:2] == (3, 11):
-        run([sys.executable, "-m", "compileall", "-q", "-j", "1", site])
-
-
 def _boot_links(root: Path, kver: str) -> None:
     """/boot/vmlinuz and /boot/initrd.img, the names grub.cfg boots, whatever the kernel version."""
     for name in ("vmlinuz", "initrd.img"):
         link = root / "boot" / name
         target = root / "boot" / f"{name}-{kver}"
         if not target.exists():
-            from recovery.errors import Failed
-
             raise Failed(f"system root lacks /boot/{target.name}")
         link.unlink(missing_ok=True)
         link.symlink_to(target.name)
