@@ -396,8 +396,9 @@ def test_sparseness_is_kept_not_invented(tmp_path: Path, keys: Path) -> None:
         f.write(b"head")
         f.seek(4 << 20)
         f.write(b"tail")
-    (source / "swapfile").write_bytes(b"\0" * (1 << 20))
-    os.fsync(os.open(source / "swapfile", os.O_RDONLY))
+    with open(source / "swapfile", "wb") as f:
+        f.write(b"\0" * (1 << 20))
+        os.fsync(f.fileno())  # allocated on disk, so GNU tar's --sparse sees a dense file
     path = tmp_path / "zeros.bundle"
     create_bundle(source, path, key=keys / "signing.pem", product="sample", version="1.0")
     target = tmp_path / "target"
