@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recovery.errors import Rejected
+from recovery.keys import load_private_key, public_key_pem
 from recovery.output import step
 
 from .config import ImageConfig, MiB
@@ -100,13 +101,19 @@ def _signing_keys(config: ImageConfig, out: Path) -> tuple[Path, Path]:
 
     keys = out / "keys"
     if config.key_dir is None:
-        if (keys / "signing.pem").exists() and (keys / "signing.pub").exists():
-            log.warning("using the development signing key %s from an earlier build", keys / "signing.pem")
+        pem = keys / "signing.pem"
+        if pem.exists():
+            # Bundles of an earlier build stay installable: never replace a key, at most its public half.
+            if not (keys / "signing.pub").exists():
+                (keys / "signing.pub").write_bytes(public_key_pem(load_private_key(pem).public_key()))
+            log.warning("using the development signing key %s from an earlier build", pem)
         else:
-            _clean(keys)
+            keys.mkdir(parents=True, exist_ok=True)
+            for stale in keys.glob("*.pub"):
+                stale.unlink()
             generate_keys(keys)
             log.warning("generated a development signing key in %s: configure key_dir for real releases", keys)
-        return keys, keys / "signing.pem"
+        return keys, pem
     private, public = config.key_dir / "signing.pem", config.key_dir / "signing.pub"
     for path in (private, public):
         if not path.is_file():

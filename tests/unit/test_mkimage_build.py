@@ -1,0 +1,44 @@
+"""Signing keys for a build: a configured key directory, or a development key made with a warning."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import pytest
+
+from mkimage.build import _signing_keys
+from mkimage.bundle import generate_keys
+from mkimage.config import load_config
+from recovery.errors import Rejected
+
+
+def test_development_key_is_generated_with_a_warning(tmp_path, caplog):
+    config = load_config(None, output=tmp_path / "out")
+    with caplog.at_level(logging.WARNING):
+        keys, private = _signing_keys(config, config.output)
+    assert keys == tmp_path / "out/keys"
+    assert private == keys / "signing.pem" and private.exists() and (keys / "signing.pub").exists()
+    assert "development signing key" in caplog.text
+    # The next build signs with the same key: bundles of both builds stay installable.
+    before, public = private.read_bytes(), (keys / "signing.pub").read_bytes()
+    (keys / "signing.pub").unlink()
+    _signing_keys(config, config.output)
+    assert private.read_bytes() == before
+    assert (keys / "signing.pub").read_bytes() == public  # the public half made again from the private
+
+
+def test_configured_key_stays_where_it_is(tmp_path):
+    generate_keys(tmp_path / "secret")
+    config = replace(load_config(None, output=tmp_path / "out"), key_dir=tmp_path / "secret")
+    keys, private = _signing_keys(config, config.output)
+    assert private == tmp_path / "secret/signing.pem"
+    assert sorted(p.name for p in keys.iterdir()) == ["signing.pub"]  # never the private key
+    assert (keys / "signing.pub").read_bytes() == (tmp_path / "secret/signing.pub").read_bytes()
+
+
+def test_configured_key_missing(tmp_path):
+    (tmp_path / "secret").mkdir()
+    config = replace(load_config(None, output=tmp_path / "out"), key_dir=tmp_path / "secret")
+    with pytest.raises(Rejected, match="lacks signing.pem"):
+        _signing_keys(config, config.output)
