@@ -118,8 +118,11 @@ def _signing_keys(config: ImageConfig, out: Path) -> tuple[Path, Path]:
     for path in (private, public):
         if not path.is_file():
             raise Rejected(f"key_dir {config.key_dir} lacks {path.name} (make both with `mkimage keygen DIR`)")
-    _clean(keys)
-    keys.mkdir(parents=True)
+    keys.mkdir(parents=True, exist_ok=True)
+    for stale in keys.glob("*.pub"):
+        stale.unlink()
+    if (keys / "signing.pem").exists():
+        log.warning("%s is a development key from an earlier build: not used, not trusted", keys / "signing.pem")
     shutil.copy2(public, keys / "signing.pub")
     return keys, private
 
