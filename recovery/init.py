@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import json
 import logging
 import os
 import subprocess
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from uuid import uuid4
 
 from .atomic import atomic_write, durable_unlink
 from .config import DEFAULT_PATH, RecoveryConfig
@@ -169,6 +171,20 @@ def _read_os_version(root: Path) -> str | None:
     return None
 
 
+def _read_marker(cfg: Path) -> dict | None:
+    """The record an earlier try left before erasing, or None when the system is whole."""
+    try:
+        raw = (cfg / INCOMPLETE).read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        marker = json.loads(raw)
+    except ValueError:
+        marker = None
+    # Even an unreadable marker means the system was being rewritten: never treat it as whole.
+    return marker if isinstance(marker, dict) and isinstance(marker.get("uuid"), str) else {"uuid": str(uuid4())}
+
+
 def _bundle_path(storage: Path, file: Path) -> Path:
     """The bundle's path below the storage mount, refusing symlinks that lead off that disk."""
     path = (storage / os.fspath(file).lstrip("/")).resolve()
@@ -209,14 +225,14 @@ class Installer:
         """Install; return installed or rejected, raise for failed (the caller decides what stays)."""
         from .bundle import Keyring, verify_bundle
         from .devices import find_device, mount, partition_info, same_device, umount
-        from .install import erase, extract_payload
+        from .install import erase, extract_payload, filesystem_identity
         from .instruction import DiskSpec, DiskSpecKind, read_instruction
         from .mounts import mounted_at
 
-        incomplete = (self.cfg / INCOMPLETE).exists()
-        previous = read_result(self.cfg)
-        if incomplete and previous is not None:
-            self.from_version = previous.from_version
+        marker = _read_marker(self.cfg)
+        incomplete = marker is not None
+        if marker is not None:
+            self.from_version = marker.get("from_version")
         try:
             with _stage(self.console, "verifying", self.seconds, "verify"):
                 instruction = read_instruction(self.cfg / INSTRUCTION)
@@ -256,11 +272,17 @@ class Installer:
                 raise Failed(f"{e}; the system partition is incomplete from an earlier try") from None
             return self.result(Outcome.rejected, str(e))
 
+        # The file system's identity is kept across the erase (fstab and GRUB may name it); it is
+        # recorded first, so a try after a power cut mid-mkfs still knows it.
+        if marker is None:
+            label, uuid = filesystem_identity(system)
+            marker = {"since": now(), "from_version": self.from_version, "label": label,
+                      "uuid": uuid or str(uuid4())}
         self.point_of_no_return = True
-        atomic_write(self.cfg / INCOMPLETE, f"{now()} try {self.boot.try_count}\n".encode())
+        atomic_write(self.cfg / INCOMPLETE, json.dumps({**marker, "try": self.boot.try_count}).encode() + b"\n")
         try:
             with _stage(self.console, "erasing", self.seconds, "erase"):
-                erase(system)
+                erase(system, label=marker.get("label") or None, uuid=marker["uuid"])
             with _stage(self.console, "extracting", self.seconds, "extract"):
                 mount(system, SYSTEM_MOUNT, options="rw,nosuid,nodev")
                 progress = Progress(bundle.manifest.payload.size, "recovery: extracting", stream=sys.stdout)

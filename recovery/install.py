@@ -489,7 +489,7 @@ def check_target(target: Path) -> None:
 # --- erase --------------------------------------------------------------------------------------
 
 
-def _fs_identity(device: Path) -> tuple[str | None, str | None]:
+def filesystem_identity(device: Path) -> tuple[str | None, str | None]:
     """(label, uuid) of the file system on `device`, read with blkid without trusting its cache."""
     proc = run(["blkid", "-p", "-o", "export", device], check=False, error=Rejected)
     values = dict(line.split("=", 1) for line in proc.stdout.decode(errors="replace").splitlines() if "=" in line)
@@ -512,7 +512,7 @@ def erase(device: Path, *, label: str | None = None, uuid: str | None = None) ->
     if where := mounted_at(device):
         raise Rejected(f"cannot erase {device}: it is in use ({', '.join(where)})")
     if label is None or uuid is None:
-        old_label, old_uuid = _fs_identity(device)
+        old_label, old_uuid = filesystem_identity(device)
         label = old_label if label is None else label
         uuid = old_uuid if uuid is None else uuid
     if not uuid:
