@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
+import re
 import struct
 import tempfile
 import uuid
@@ -25,6 +27,7 @@ from .drive import ImageFormat
 
 SECTOR = 512
 GPT_SIGNATURE = b"EFI PART"
+MAX_SYMLINKS = 8
 
 
 @dataclass(frozen=True)
@@ -180,55 +183,88 @@ class DiskImage:
     # -- files --------------------------------------------------------------------------------------
 
     def read_file(self, partition: str | int, path: str) -> bytes | None:
-        """The contents of `path` in an ext4 partition, or None if there is no such file."""
-        target = _fs_path(path)
+        """The contents of `path` in an ext4 partition (symlinks followed), or None if there is no such file."""
         with self._filesystem(partition) as (part, image):
-            out = image.parent / "file"
-            proc = _debugfs(image, [f"dump {_q(target)} {_q(out)}"])
-            if out.exists():
-                return out.read_bytes()
-            if "File not found" in proc or "not found" in proc:
+            fs = _Ext4(image, part)
+            target = fs.resolve(_fs_path(path))
+            kind = fs.kind(target) if target is not None else None
+            if target is None or kind is None:
                 return None
-            raise VMError(f"cannot read {target} from partition {part.name}: {_last_line(proc)}")
+            if kind != "regular":
+                raise VMError(f"{path} in partition {part.name} is a {kind}, not a file")
+            return fs.read(target)
 
     def write_file(self, partition: str | int, path: str, data: bytes, *, mode: int = 0o644) -> None:
         """Create or replace `path` (owner root, `mode`) in an ext4 partition; parent directories are created."""
         target = _fs_path(path)
         with self._filesystem(partition) as (part, image):
+            fs = _Ext4(image, part)
             source = image.parent / "source"
             source.write_bytes(data)
-            parents = reversed(PurePosixPath(target).parents[:-1])
             # debugfs's mkdir over an existing name leaks an inode: create only what is missing
-            requests = [f"mkdir {_q(d)}" for d in parents if not _exists(image, str(d))]
+            parents = [str(d) for d in reversed(PurePosixPath(target).parents[:-1])]
+            requests = [f"mkdir {_q(d)}" for d in parents if fs.kind(d) is None]
+            if fs.kind(target) is not None:
+                requests.append(f"rm {_q(target)}")
             requests += [
-                f"rm {_q(target)}",
                 f"write {_q(source)} {_q(target)}",
                 f"set_inode_field {_q(target)} mode 0{0o100000 | mode:o}",
                 f"set_inode_field {_q(target)} uid 0",
                 f"set_inode_field {_q(target)} gid 0",
             ]
-            proc = _debugfs(image, requests, writable=True)
-            check = image.parent / "check"
-            _debugfs(image, [f"dump {_q(target)} {_q(check)}"])
-            if not check.exists() or check.read_bytes() != data:
-                raise VMError(f"cannot write {target} to partition {part.name}: {_last_line(proc)}")
+            _, errors = _debugfs(image, requests, writable=True)
+            if fs.kind(target) != "regular" or fs.read(target) != data:
+                raise VMError(f"cannot write {target} to partition {part.name}: {_last_line(errors)}")
             self.import_range(part.start, image)
 
     def remove_file(self, partition: str | int, path: str) -> bool:
-        """Remove `path` from an ext4 partition; False if it was not there."""
+        """Remove `path` (a file or symlink) from an ext4 partition; False if it was not there."""
         target = _fs_path(path)
         with self._filesystem(partition) as (part, image):
-            probe = image.parent / "probe"
-            _debugfs(image, [f"dump {_q(target)} {_q(probe)}"])
-            if not probe.exists():
+            fs = _Ext4(image, part)
+            if fs.kind(target) is None:
                 return False
-            proc = _debugfs(image, [f"rm {_q(target)}"], writable=True)
-            probe.unlink()
-            _debugfs(image, [f"dump {_q(target)} {_q(probe)}"])
-            if probe.exists():
-                raise VMError(f"cannot remove {target} from partition {part.name}: {_last_line(proc)}")
+            _, errors = _debugfs(image, [f"rm {_q(target)}"], writable=True)
+            if fs.kind(target) is not None:
+                raise VMError(f"cannot remove {target} from partition {part.name}: {_last_line(errors)}")
             self.import_range(part.start, image)
             return True
+
+
+class _Ext4:
+    """Questions to debugfs about one file system image."""
+
+    def __init__(self, image: Path, part: Partition) -> None:
+        self.image, self.part = image, part
+
+    def kind(self, path: str) -> str | None:
+        """`regular`, `directory`, `symlink`, ... or None if nothing is at `path`."""
+        out, errors = _debugfs(self.image, [f"stat {_q(path)}"])
+        match = re.search(r"Type: (\S+)", out)
+        if match is None:
+            if "not found" in errors:
+                return None
+            raise VMError(f"cannot look up {path} in partition {self.part.name}: {_last_line(errors)}")
+        return match.group(1)
+
+    def read(self, path: str) -> bytes:
+        out = self.image.parent / "dump"
+        out.unlink(missing_ok=True)
+        _, errors = _debugfs(self.image, [f"dump {_q(path)} {_q(out)}"])
+        if not out.exists():
+            raise VMError(f"cannot read {path} from partition {self.part.name}: {_last_line(errors)}")
+        return out.read_bytes()
+
+    def resolve(self, path: str) -> str | None:
+        """`path` with a symlink in its last component followed (as `cat` would), None if it dangles."""
+        for _ in range(MAX_SYMLINKS):
+            if self.kind(path) != "symlink":
+                return path
+            out, _ = _debugfs(self.image, [f"stat {_q(path)}"])
+            fast = re.search(r'Fast link dest: "(.*)"', out)
+            link = fast.group(1) if fast else self.read(path).decode(errors="replace")
+            path = posixpath.normpath(posixpath.join(posixpath.dirname(path), link))
+        raise VMError(f"too many levels of symbolic links at {path} in partition {self.part.name}")
 
 
 def _fs_path(path: str) -> str:
@@ -238,17 +274,13 @@ def _fs_path(path: str) -> str:
     return str(p)
 
 
-def _exists(image: Path, path: str) -> bool:
-    return "not found" not in _debugfs(image, [f"stat {_q(path)}"])
-
-
 def _q(value: object) -> str:
     """Quote one argument of a debugfs request."""
     return f'"{value}"'
 
 
-def _debugfs(image: Path, requests: list[str], *, writable: bool = False) -> str:
-    """Run debugfs requests on a file system image; returns its stderr (debugfs exits 0 regardless)."""
+def _debugfs(image: Path, requests: list[str], *, writable: bool = False) -> tuple[str, str]:
+    """Run debugfs requests on a file system image: (stdout, stderr). debugfs exits 0 even when a request fails."""
     with tempfile.NamedTemporaryFile("w", suffix=".debugfs", dir=image.parent, delete=False) as f:
         f.write("\n".join(requests) + "\n")
     argv: list[str | os.PathLike[str]] = ["debugfs", *(["-w"] if writable else []), "-f", f.name, image]
@@ -256,10 +288,11 @@ def _debugfs(image: Path, requests: list[str], *, writable: bool = False) -> str
         proc = run(argv, check=False, error=VMError)
     finally:
         os.unlink(f.name)
-    stderr: str = proc.stderr.decode(errors="replace")
+    out: str = proc.stdout.decode(errors="replace")
+    errors: str = proc.stderr.decode(errors="replace")
     if proc.returncode != 0:
-        raise VMError(f"debugfs failed on {image.name}: {_last_line(stderr)}")
-    return stderr
+        raise VMError(f"debugfs failed on {image.name}: {_last_line(errors)}")
+    return out, errors
 
 
 def _last_line(text: str) -> str:

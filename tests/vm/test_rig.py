@@ -145,6 +145,13 @@ def _scratch_disk(dest: Path) -> Path:
     seed = dest / "seed"
     seed.mkdir()
     (seed / "hello").write_text("hello from the host\n")
+    (seed / "etc").mkdir()
+    (seed / "etc/hello-link").symlink_to("../hello")  # a fast symlink: the target lives in the inode
+    (seed / "dangling").symlink_to("nowhere")
+    deep = seed / ("d" * 70)
+    deep.mkdir()
+    (deep / "f").write_text("slow\n")
+    (seed / "slow-link").symlink_to(f"{deep.name}/f")  # too long for the inode: a data block holds it
     run(["mkfs.ext4", "-q", "-F", "-L", "data", "-d", seed, "-E", f"offset={DATA_START}", disk, "62M"])
     return disk
 
@@ -278,6 +285,11 @@ def test_host_edits_overlay_files_without_touching_the_base(rig: Rig, tmp_path: 
     assert disk.read_file("data", "/a/b/c") == b"two\x00bytes"
     assert disk.remove_file("data", "/a/b/c") and not disk.remove_file("data", "/a/b/c")
     assert disk.read_file("data", "/a/b/c") is None
+    assert disk.read_file("data", "/etc/hello-link") == b"hello from the host\n"
+    assert disk.read_file("data", "/slow-link") == b"slow\n"
+    assert disk.read_file("data", "/dangling") is None
+    with pytest.raises(VMError, match="/etc in partition data is a directory, not a file"):
+        disk.read_file("data", "/etc")
     part_copy = tmp_path / "part.img"
     disk.export_range(part.start, part.size, part_copy)
     fsck = run(["e2fsck", "-fn", part_copy], check=False)
