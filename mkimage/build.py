@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recovery.errors import Rejected
+from recovery.instruction import format_envblock
 from recovery.keys import load_private_key, public_key_pem
 from recovery.output import step
 
@@ -135,6 +136,8 @@ def _disk_image(config: ImageConfig, out: Path, work: Path, recovery_dir: Path, 
         esp_files["EFI/BOOT/BOOTX64.EFI"] = cores.efi
     cfg_dir = work / "cfg"
     (cfg_dir / "recovery").mkdir(parents=True)
+    # GRUB counts the recovery's tries here when an instruction is garbage it cannot write to.
+    (cfg_dir / "recovery/grubenv").write_bytes(format_envblock({}))
     recovery_contents = work / "recovery-partition"
     partial = out / "disk.img.partial"
     placements = assemble(

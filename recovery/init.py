@@ -39,6 +39,8 @@ INSTRUCTION = Path("update-instruction")
 # Present on cfg from the erase until the new system is complete: a later rejection must then not
 # send the machine back to a system that is no longer there.
 INCOMPLETE = Path("recovery/system-incomplete")
+# GRUB's try counter for an instruction it cannot parse (see bootloader/recovery.cfg).
+FALLBACK_COUNTER = Path("recovery/grubenv")
 UDEVD = ("/lib/systemd/systemd-udevd", "/usr/lib/systemd/systemd-udevd")
 
 
@@ -205,7 +207,6 @@ class Installer:
         self.started = now()
         self.from_version: str | None = None
         self.to_version: str | None = None
-        self.point_of_no_return = False
 
     def result(self, outcome: Outcome, reason: str | None = None, *, files: int = 0, nbytes: int = 0) -> Result:
         return Result(
@@ -278,14 +279,15 @@ class Installer:
             label, uuid = filesystem_identity(system)
             marker = {"since": now(), "from_version": self.from_version, "label": label,
                       "uuid": uuid or str(uuid4())}
-        self.point_of_no_return = True
         atomic_write(self.cfg / INCOMPLETE, json.dumps({**marker, "try": self.boot.try_count}).encode() + b"\n")
         try:
             with _stage(self.console, "erasing", self.seconds, "erase"):
                 erase(system, label=marker.get("label") or None, uuid=marker["uuid"])
             with _stage(self.console, "extracting", self.seconds, "extract"):
                 mount(system, SYSTEM_MOUNT, options="rw,nosuid,nodev")
-                progress = Progress(bundle.manifest.payload.size, "recovery: extracting", stream=sys.stdout)
+                progress = Progress(
+                    bundle.manifest.payload.size, "recovery: extracting", stream=sys.stdout, live=False
+                )
                 stats = extract_payload(bundle, SYSTEM_MOUNT, progress=progress)
                 progress.finish()
                 os.sync()
@@ -313,6 +315,15 @@ class Installer:
             if result.outcome != Outcome.failed:
                 durable_unlink(self.cfg / INCOMPLETE)
                 durable_unlink(self.cfg / INSTRUCTION)
+                reset_fallback_counter(self.cfg)
+
+
+def reset_fallback_counter(cfg: Path) -> None:
+    """An empty block for GRUB to count garbage instructions' tries in (made if it is missing)."""
+    from .instruction import format_envblock
+
+    (cfg / FALLBACK_COUNTER).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(cfg / FALLBACK_COUNTER, format_envblock({}))
 
 
 def _verdict(console: Console, result: Result) -> None:
@@ -344,6 +355,8 @@ def install(config: RecoveryConfig, boot: Boot, console: Console) -> None:
         console.say("recovery: no update instruction")
         rescue(config, console)
         return
+    if not (cfg / FALLBACK_COUNTER).exists():
+        reset_fallback_counter(cfg)
     installer = Installer(config, boot, console, cfg)
     try:
         result = installer.run()
@@ -406,6 +419,7 @@ def retry(cfg: Path | None = None) -> None:
 
     if cfg is None:
         cfg = CFG_MOUNT if os.path.ismount(CFG_MOUNT) else _mount_cfg(RecoveryConfig.load())
+    reset_fallback_counter(cfg)
     clear_try(cfg / INSTRUCTION)
     print("try counter cleared: the next boot tries the update again")
 

@@ -59,6 +59,7 @@ class Progress:
         stream: TextIO | None = None,
         interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        live: bool | None = None,
     ) -> None:
         self.total = max(total, 0)
         self.prefix = prefix
@@ -68,7 +69,9 @@ class Progress:
         self.done = 0
         self.start = clock()
         self._last = self.start
-        self._tty = self.stream.isatty()
+        # A serial console is a tty too, but its readers (people, tests) need whole lines: the
+        # caller says live=False there.
+        self._tty = self.stream.isatty() if live is None else live
 
     def line(self) -> str:
         elapsed = max(self.clock() - self.start, 1e-6)

@@ -58,7 +58,10 @@ def test_instruction_is_read_through_a_whitelist():
     loads = re.findall(r"^\s*load_env .*$", text, re.MULTILINE)
     saves = re.findall(r"save_env .*$", text, re.MULTILINE)
     assert loads and all(line.split()[-1] == "recovery_try" and "--skip-sig" in line for line in loads)
-    assert saves and all(re.search(r"update-instruction\" recovery_try(; then)?$", line) for line in saves)
+    assert saves and all(re.search(r"\$recovery_counter\" recovery_try(; then)?$", line) for line in saves)
+    # The counter lives in the instruction, or (for garbage GRUB cannot parse) in cfg's recovery/grubenv.
+    assert re.findall(r'set recovery_counter="(.*)"', text) == [
+        "($cfgdev)/update-instruction", "($cfgdev)/recovery/grubenv"]
     # Variables the menu entries use must be exported, or GRUB's entry context does not see them.
     assert "export cfgdev recoverydev recovery_try" in text
 

@@ -1,0 +1,145 @@
+"""The recovery's install on the real disk image under QEMU: the happy path under both firmwares, and
+every way a staged update can be wrong, each of which must leave the system byte-for-byte untouched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mkimage.bundle import generate_keys
+from recovery.instruction import parse_instruction
+from vm.disk import DiskImage
+from vm.machine import Firmware, Machine
+
+from tests.vm.staging import INSTRUCTION, RESULT, bad_bundles, partition_digest, read_result, stage
+
+KERNEL = 120.0  # power-on to the kernel's command line
+RECOVERY = 300.0  # recovery start to its verdict under TCG, generously
+BOOT = 600.0  # power-on to a ready system under TCG
+
+
+def ready(built: Any, version: str) -> str:
+    return re.escape(f"system {built.config.product} {version} ready")
+
+
+@pytest.fixture(scope="module")
+def good_bundle(built_image: Any) -> bytes:
+    return built_image.bundles["2.0.0"].read_bytes()
+
+
+@pytest.mark.parametrize("firmware", [Firmware.uefi, Firmware.bios])
+def test_update_installs_the_new_release(
+    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, good_bundle: bytes, firmware: Firmware
+) -> None:
+    vm_disk.write_file("storage", "/keep/data.txt", b"operator data\n")
+    vm_disk.write_file("cfg", "/keep.conf", b"setting=1\n")
+    stage(vm_disk, good_bundle, name="demo-appliance-2.0.0.bundle")
+    m = machine(firmware)
+    m.expect(r"recovery: starting \(try 1\)", KERNEL)
+    for step in ("verifying", "erasing", "extracting"):
+        m.expect(rf"recovery: {step}\r?\n", RECOVERY)
+    m.expect(r"recovery: extracting \d+% \d+/\d+ MiB [\d.]+ MiB/s ETA \d+ s", RECOVERY)
+    m.expect(r"recovery: installed 2\.0\.0", RECOVERY)
+    m.expect(r"recovery: rebooting", RECOVERY)
+    m.expect(r"Command line: .*root=PARTLABEL=system", KERNEL)
+    m.expect(ready(built_image, "2.0.0"), BOOT)
+    status, out = m.shell(". /etc/os-release && echo $VERSION_ID")
+    assert (status, out.strip()) == (0, "2.0.0")
+    m.power_cut()
+
+    result = read_result(vm_disk)
+    assert result["outcome"] == "installed", result
+    assert (result["from_version"], result["to_version"], result["try"]) == ("1.0.0", "2.0.0", 1)
+    assert set(result["seconds"]) >= {"verify", "erase", "extract"}
+    assert all(v >= 0 for v in result["seconds"].values())
+    assert result["files"] > 1000 and result["bytes"] > 10 * 1024 * 1024
+    assert vm_disk.read_file("cfg", INSTRUCTION) is None
+    assert vm_disk.read_file("cfg", "/recovery/system-incomplete") is None
+    assert vm_disk.read_file("storage", "/keep/data.txt") == b"operator data\n"
+    assert vm_disk.read_file("cfg", "/keep.conf") == b"setting=1\n"
+    assert vm_disk.read_file("storage", "/bundles/demo-appliance-2.0.0.bundle") == good_bundle
+    log = vm_disk.read_file("cfg", "/recovery/log")
+    assert log is not None and b"recovery: installed 2.0.0" in log
+
+
+def _expect_rejected_and_system_back(
+    m: Machine, vm_disk: DiskImage, system_before: str, reason: str, *, full_boot: bool, built: Any
+) -> None:
+    m.expect(r"recovery: starting \(try 1\)", KERNEL)
+    m.expect(rf"recovery: rejected: .*{reason}", RECOVERY)
+    m.expect(r"recovery: rebooting", RECOVERY)
+    # GRUB must choose the old system again: the instruction is gone.
+    m.expect(r"Command line: .*root=PARTLABEL=system", KERNEL)
+    if full_boot:
+        m.expect(ready(built, "1.0.0"), BOOT)
+    m.power_cut()
+    result = read_result(vm_disk)
+    assert result["outcome"] == "rejected", result
+    assert re.search(reason, result["reason"]), result
+    assert vm_disk.read_file("cfg", INSTRUCTION) is None
+    assert partition_digest(vm_disk, "system") == system_before
+
+
+@pytest.fixture(scope="module")
+def foreign_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("foreign-key")
+    generate_keys(directory)
+    return directory / "signing.pem"
+
+
+@pytest.fixture(scope="module")
+def system_digest(built_image: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The pristine system partition's hash, from a throw-away overlay of the built image."""
+    base = DiskImage.open(built_image.disk).overlay(tmp_path_factory.mktemp("digest") / "d.qcow2")
+    return partition_digest(base, "system")
+
+
+BAD_BUNDLES = ["payload-byte-flipped", "manifest-changed", "untrusted-key", "truncated", "wrong-product", "too-large"]
+
+
+@pytest.mark.parametrize("case", BAD_BUNDLES)
+def test_bad_bundle_is_rejected_and_the_system_untouched(
+    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, good_bundle: bytes,
+    foreign_key: Path, system_digest: str, case: str,
+) -> None:
+    bad = bad_bundles(good_bundle, built_image.keys / "signing.pem", foreign_key)[case]
+    stage(vm_disk, bad.bundle)
+    m = machine()
+    _expect_rejected_and_system_back(
+        m, vm_disk, system_digest, bad.reason, full_boot=case == BAD_BUNDLES[0], built=built_image
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("missing-file", r"cannot open bundle .*No such file"),
+        ("other-version", r"wrong version: the bundle carries 2\.0\.0, expected 3\.0\.0"),
+        ("no-such-disk", r"disk PARTLABEL=nowhere not found"),
+    ],
+)
+def test_bad_instruction_is_rejected_and_the_system_untouched(
+    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, good_bundle: bytes,
+    system_digest: str, case: str, reason: str,
+) -> None:
+    if case == "missing-file":
+        stage(vm_disk, None, name="absent.bundle", sha="0" * 64)
+    elif case == "other-version":
+        stage(vm_disk, good_bundle, version="3.0.0")
+    else:
+        stage(vm_disk, None, disk_spec="PARTLABEL=nowhere", sha="0" * 64)
+    m = machine()
+    _expect_rejected_and_system_back(m, vm_disk, system_digest, reason, full_boot=False, built=built_image)
+
+
+def test_garbage_instruction_is_rejected_and_removed(
+    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, system_digest: str
+) -> None:
+    vm_disk.write_file("cfg", INSTRUCTION, bytes(range(256)) * 4)
+    m = machine()
+    _expect_rejected_and_system_back(m, vm_disk, system_digest, r"instruction", full_boot=False, built=built_image)
