@@ -11,6 +11,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 TEST_IMAGES = Path(os.environ.get("RECOVERY_TEST_IMAGES", "/var/tmp/recovery-test-images"))
+KEEP_IMAGES = 3
 _REPO = Path(__file__).resolve().parent.parent
 
 
@@ -54,9 +55,11 @@ def built_image():
                 config=config, disk=out / "disk.img", keys=out / "keys", recovery=out / "recovery",
                 bundles={v: out / f"{config.product}-{v}.bundle" for v in config.releases},
             )
-        for old in TEST_IMAGES.iterdir():  # earlier inputs: only one image is kept
-            if old.is_dir() and old.name != key:
-                shutil.rmtree(old, ignore_errors=True)
+        # Earlier inputs: keep the few newest (other sessions may still boot them), drop the rest.
+        older = sorted((d for d in TEST_IMAGES.iterdir() if d.is_dir() and d.name != key),
+                       key=lambda d: d.stat().st_mtime, reverse=True)
+        for old in older[KEEP_IMAGES - 1:]:
+            shutil.rmtree(old, ignore_errors=True)
         result = build(config)
         stamp.write_text(key + "\n")
         return result
