@@ -24,6 +24,7 @@ from libarchive import ffi
 from recovery.bundle import (
     CHUNK, FORMAT, MANIFEST_NAME, SIGNATURE_NAME, Compression, Manifest, PayloadInfo, Signature,
 )
+from recovery.atomic import atomic_write, fsync_dir
 from recovery.errors import Rejected
 from recovery.keys import keyid, load_private_key, private_key_pem, public_key_pem, raw_public_key
 from recovery.output import step
@@ -57,7 +58,7 @@ def generate_keys(directory: Path) -> Path:
     with os.fdopen(fd, "wb") as f:
         os.fchmod(f.fileno(), 0o600)  # whatever the umask says
         f.write(private_key_pem(key))
-    _write_atomic(pub, public_key_pem(key.public_key()), 0o644)
+    atomic_write(pub, public_key_pem(key.public_key()), mode=0o644)
     log.info("key %s: private %s, public %s", keyid(raw_public_key(key.public_key())), pem, pub)
     return pub
 
@@ -105,7 +106,7 @@ def create_bundle(
             _write_outer(staged, manifest_bytes, signature.to_json(), payload, comp.payload_name, created)
             os.chmod(staged, 0o644)
             os.rename(staged, output)
-            _fsync_dir(output.parent)
+            fsync_dir(output.parent)
     log.info("%s: %s %s, %d files, %d bytes unpacked, payload %d bytes, signed by %s",
              output, product, version, files, nbytes, size, signature.keyid)
     return manifest
@@ -245,22 +246,3 @@ def _quiet_libarchive() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    with _temp_next_to(path, ".tmp") as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from recovery.cli import add_debug, boundary
+from recovery.cli import add_debug, run_cli
 from recovery.errors import Rejected
 
 
@@ -109,11 +109,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = parser().parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return boundary(args.run, args)
+    return run_cli(parser(), argv)
 
 
 if __name__ == "__main__":

@@ -146,13 +146,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = parser()
+def run_cli(
+    p: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    prepare: Callable[[argparse.Namespace], None] | None = None,
+) -> int:
+    """Parse `argv` (usage errors exit 2, as argparse prints them), then run the chosen command."""
     try:
         args = p.parse_args(argv)
-    except SystemExit as e:  # argparse already printed the usage line
+    except SystemExit as e:
         return int(e.code or 0)
+    if prepare is not None:
+        prepare(args)
     return boundary(args.run, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(parser(), argv)
 
 
 if __name__ == "__main__":

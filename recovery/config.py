@@ -13,6 +13,16 @@ DEFAULT_PATH = Path("/etc/recovery/recovery.toml")
 ROLES = ("cfg", "system", "recovery", "storage")
 
 
+def read_toml(path: Path, what: str) -> dict:
+    """A TOML file as a dict; missing or unreadable is `Rejected` naming `what` and why."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise Rejected(f"{what} {path} is missing") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise Rejected(f"{what} {path} is unreadable: {e}") from None
+
+
 @dataclass(frozen=True)
 class RecoveryConfig:
     product: str
@@ -25,13 +35,7 @@ class RecoveryConfig:
 
     @classmethod
     def load(cls, path: Path = DEFAULT_PATH) -> RecoveryConfig:
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise Rejected(f"recovery configuration {path} is missing") from None
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise Rejected(f"recovery configuration {path} is unreadable: {e}") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_toml(path, "recovery configuration"), source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict, *, source: str = "recovery configuration") -> RecoveryConfig:

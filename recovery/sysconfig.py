@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from .config import read_toml
 from .errors import Rejected
 
 DEFAULT_PATH = Path("/etc/recovery/system.toml")
@@ -43,13 +43,7 @@ class SystemConfig:
         """Read `path`, else $UPDATECTL_CONFIG, else /etc/recovery/system.toml."""
         if path is None:
             path = Path(os.environ.get(ENV_VAR) or DEFAULT_PATH)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise Rejected(f"system configuration {path} is missing") from None
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise Rejected(f"system configuration {path} is unreadable: {e}") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_toml(path, "system configuration"), source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict[str, object], *, source: str = "system configuration") -> SystemConfig:

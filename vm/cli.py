@@ -12,7 +12,7 @@ import tty
 from collections.abc import Sequence
 from pathlib import Path
 
-from recovery.cli import UsageError, add_debug, boundary
+from recovery.cli import UsageError, add_debug, run_cli
 
 from . import VMError
 from .disk import DiskImage
@@ -101,11 +101,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = parser().parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return boundary(args.run, args)
+    return run_cli(parser(), argv)
 
 
 if __name__ == "__main__":
