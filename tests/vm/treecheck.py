@@ -1,0 +1,233 @@
+"""Host-side check that an installed system partition holds exactly a bundle's payload.
+
+The partition is exported from the (stopped) disk and read without mounting: debugfs lists every
+inode's type, mode (setuid and sticky bits included), owner and size (`ls -p`, one run per directory
+level) and device numbers (`stat`); `rdump` copies contents and symlinks out for hashing (it loses
+setuid bits and device nodes, which is why metadata never comes from its copy). The payload is read
+with libarchive. Every difference is reported, not just the first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import libarchive
+
+from recovery.bundle import verify_bundle
+from recovery.keys import Keyring
+from recovery.run import run
+from vm.disk import DiskImage
+
+# made by mkfs, not by the payload
+FILESYSTEM_OWN = frozenset({"lost+found"})
+
+
+@dataclass(frozen=True)
+class Node:
+    """One path of a tree: what the check compares."""
+
+    kind: str  # file, dir, symlink, chr, blk, fifo, sock
+    mode: int  # permission bits incl. setuid/setgid/sticky
+    uid: int
+    gid: int
+    content: str = ""  # sha256 of a file, target of a symlink, "major:minor" of a device
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.mode:04o} {self.uid}:{self.gid} {self.content[:16]}"
+
+
+@dataclass(frozen=True)
+class Tree:
+    nodes: dict[str, Node]
+    links: list[frozenset[str]]  # groups of paths that must share one inode (hard links)
+
+
+_KINDS = {
+    stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFCHR: "chr",
+    stat.S_IFBLK: "blk", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "sock",
+}
+
+
+def _kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), f"type-{stat.S_IFMT(mode):o}")
+
+
+def _norm(name: str) -> str:
+    while name.startswith("./"):
+        name = name[2:]
+    return name.strip("/")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --- the bundle's payload ---------------------------------------------------------------------------
+
+
+def payload_tree(bundle: Path, keys: Path) -> Tree:
+    """The tree a verified bundle's payload describes (the bundle is verified first)."""
+    verified = verify_bundle(bundle, Keyring.load(keys))
+    with bundle.open("rb") as f:
+        f.seek(verified.payload_offset)
+        payload = f.read(verified.manifest.payload.size)
+    nodes: dict[str, Node] = {}
+    hardlinks: dict[str, set[str]] = {}
+    with libarchive.memory_reader(payload) as archive:
+        for entry in archive:
+            path = _norm(entry.pathname)
+            if not path:
+                continue
+            if entry.islnk:
+                target = _norm(entry.linkpath)
+                nodes[path] = nodes[target]
+                hardlinks.setdefault(target, {target}).add(path)
+                continue
+            mode = entry.mode
+            if entry.issym:
+                content = entry.linkpath
+            elif entry.isreg:
+                h = hashlib.sha256()
+                for block in entry.get_blocks():
+                    h.update(block)
+                content = h.hexdigest()
+            elif entry.isblk or entry.ischr:
+                content = f"{entry.rdevmajor}:{entry.rdevminor}"
+            else:
+                content = ""
+            nodes[path] = Node(_kind(mode), stat.S_IMODE(mode), entry.uid, entry.gid, content)
+    return Tree(nodes, [frozenset(group) for group in hardlinks.values()])
+
+
+# --- the installed partition ------------------------------------------------------------------------
+
+
+def _debugfs(image: Path, requests: list[str]) -> list[tuple[str, str]]:
+    """Run requests in one debugfs process; (request, its output) pairs in order."""
+    with tempfile.NamedTemporaryFile("w", suffix=".debugfs", dir=image.parent, delete=False) as f:
+        f.write("\n".join(requests) + "\n")
+    try:
+        out = run(["debugfs", "-f", f.name, image]).stdout.decode(errors="surrogateescape")
+    finally:
+        os.unlink(f.name)
+    answers: list[tuple[str, str]] = []
+    for chunk in re.split(r"^debugfs: ", out, flags=re.MULTILINE)[1:]:
+        request, _, body = chunk.partition("\n")
+        answers.append((request, body))
+    if len(answers) != len(requests):
+        raise AssertionError(f"debugfs answered {len(answers)} of {len(requests)} requests on {image}")
+    return answers
+
+
+def _q(path: str) -> str:
+    if '"' in path or "\n" in path:
+        raise AssertionError(f"path {path!r} cannot be quoted for debugfs")
+    return f'"/{path}"'
+
+
+def filesystem_tree(image: Path, scratch: Path) -> Tree:
+    """The tree in an ext4 image file (journal already replayed), read with debugfs."""
+    raw: dict[str, tuple[int, int, int, int]] = {}  # path -> inode, mode, uid, gid
+    level = [""]
+    while level:
+        nxt: list[str] = []
+        for (_, body), directory in zip(_debugfs(image, [f"ls -p {_q(d)}" for d in level]), level):
+            for line in body.splitlines():
+                parts = line.split("/")
+                if len(parts) < 7 or parts[0] != "":
+                    continue
+                ino, mode, uid, gid, name = int(parts[1]), int(parts[2], 8), int(parts[3]), int(parts[4]), parts[5]
+                if name in (".", ".."):
+                    continue
+                path = f"{directory}/{name}".lstrip("/")
+                raw[path] = (ino, mode, uid, gid)
+                if stat.S_ISDIR(mode):
+                    nxt.append(path)
+        level = nxt
+    devices = [p for p, (_, mode, _, _) in raw.items() if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)]
+    numbers: dict[str, str] = {}
+    if devices:
+        for path, (_, body) in zip(devices, _debugfs(image, [f"stat {_q(p)}" for p in devices])):
+            m = re.search(r"Device major/minor number: (\d+):(\d+)", body)
+            numbers[path] = f"{int(m.group(1))}:{int(m.group(2))}" if m else "?"
+    dump = scratch / "rdump"
+    dump.mkdir()
+    # rdump of each top-level entry: `rdump /` would need a name for the root
+    tops = [p for p in raw if "/" not in p]
+    run(["debugfs", "-R", f"rdump {' '.join(_q(p) for p in tops)} {dump}", image])
+    nodes: dict[str, Node] = {}
+    by_inode: dict[int, set[str]] = {}
+    for path, (ino, mode, uid, gid) in raw.items():
+        kind = _kind(mode)
+        if kind == "file":
+            content = _sha256_file(dump / path)
+            by_inode.setdefault(ino, set()).add(path)
+        elif kind == "symlink":
+            content = os.readlink(dump / path)
+        elif kind in ("chr", "blk"):
+            content = numbers[path]
+        else:
+            content = ""
+        nodes[path] = Node(kind, stat.S_IMODE(mode), uid, gid, content)
+    return Tree(nodes, [frozenset(g) for g in by_inode.values() if len(g) > 1])
+
+
+def installed_tree(disk: DiskImage, partition: str = "system") -> Tree:
+    """The tree on a partition of a stopped disk, as the next mount would see it."""
+    part = disk.partition(partition)
+    with tempfile.TemporaryDirectory(prefix=".treecheck-", dir=disk.path.parent) as tmp:
+        image = Path(tmp) / "partition"
+        disk.export_range(part.start, part.size, image)
+        status = run(["e2fsck", "-p", "-E", "journal_only", image], check=False).returncode
+        if status & ~1:
+            raise AssertionError(f"partition {partition} is no usable ext4 file system (e2fsck exit {status})")
+        return filesystem_tree(image, Path(tmp))
+
+
+# --- comparison -------------------------------------------------------------------------------------
+
+
+def differences(expected: Tree, actual: Tree, *, ignore: Iterable[str] = FILESYSTEM_OWN) -> list[str]:
+    """Every way `actual` differs from `expected`; empty when they are the same tree."""
+    skip = set(ignore)
+
+    def kept(path: str) -> bool:
+        return path.split("/", 1)[0] not in skip
+
+    problems = []
+    for path in sorted(set(expected.nodes) | set(actual.nodes)):
+        if not kept(path):
+            continue
+        want, got = expected.nodes.get(path), actual.nodes.get(path)
+        if got is None:
+            problems.append(f"missing: {path}")
+        elif want is None:
+            problems.append(f"extra: {path}")
+        elif want != got:
+            problems.append(f"differs: {path}: expected {want.describe()}, found {got.describe()}")
+    linked = {path: group for group in actual.links for path in group}
+    for group in expected.links:
+        first = min(group)
+        if any(linked.get(path) != linked.get(first) or first not in linked for path in group):
+            problems.append(f"hard links not kept: {', '.join(sorted(group))}")
+    return problems
+
+
+def check_installed(disk: DiskImage, bundle: Path, keys: Path) -> int:
+    """Assert the system partition holds exactly the bundle's payload; returns how many paths were checked."""
+    expected = payload_tree(bundle, keys)
+    problems = differences(expected, installed_tree(disk))
+    shown = "\n  ".join(problems[:30]) + (f"\n  ... {len(problems) - 30} more" if len(problems) > 30 else "")
+    assert not problems, f"the installed tree differs from {bundle.name}'s payload:\n  {shown}"
+    return len(expected.nodes)
