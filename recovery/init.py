@@ -312,6 +312,8 @@ class Installer:
         """Write the verdict; the instruction goes only when nothing more will be tried."""
         with _stage(self.console, "finishing", self.seconds):
             write_result(self.cfg, result)
+            # Marks the moment between the verdict on disk and the instruction's removal (power-cut tests).
+            self.console.say(f"recovery: result written: {result.outcome}")
             if result.outcome != Outcome.failed:
                 durable_unlink(self.cfg / INCOMPLETE)
                 durable_unlink(self.cfg / INSTRUCTION)

@@ -16,7 +16,7 @@ from recovery.keys import Keyring
 
 from .sample_tree import make_small_tree
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="module")

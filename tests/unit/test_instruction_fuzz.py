@@ -59,7 +59,7 @@ pieces = st.sampled_from([b"recovery_try=", b"k=", b"#", b"=", b"\n", b"\\", b"a
 bodies = st.lists(pieces | st.binary(max_size=8), max_size=40)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(st.binary(max_size=1100))
 @example(b"")
 @example(VALID[:-1])
@@ -67,13 +67,13 @@ def test_arbitrary_bytes(data: bytes) -> None:
     check(data)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(bodies)
 def test_arbitrary_blocks_with_the_right_header_and_size(parts: list[bytes]) -> None:
     check((ENVBLK_HEADER + b"".join(parts))[:ENVBLK_SIZE].ljust(ENVBLK_SIZE, b"#"))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(mutated())
 def test_mutations_of_a_valid_block(data: bytes) -> None:
     check(data)
@@ -97,7 +97,7 @@ structured_blocks = st.lists(lines, max_size=8).map(
 
 
 @pytest.mark.skipif(GRUB_EDITENV is None, reason="needs grub-editenv (Debian package grub-common)")
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutated() | structured_blocks)
 def test_what_we_accept_grub_reads_the_same(tmp_path: Path, data: bytes) -> None:
     """Differential: every block we parse, grub-editenv lists with exactly our names and values."""

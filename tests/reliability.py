@@ -1,0 +1,199 @@
+"""The reliability table: a pytest plugin that counts how each fault scenario ended and writes docs/reliability.md.
+
+Loaded with `-p tests.reliability` (the Makefile's test and reliability targets do). It registers the
+`reliability` marker (full matrix only: `make test` deselects it with `-m "not reliability"`) and the
+`scenario` fixture, through which a test names its scenario, says what it checked and adds notes
+(seeds, where a power cut landed). Property-based tests count one run per Hypothesis example; tests
+in the hostile-input modules are mapped to scenarios by module. `--reliability-table FILE` writes the
+table at the end of the session, whatever the outcome: it shows failures, it does not hide them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+RUNS = pytest.StashKey["Scenario"]()
+RESULTS = pytest.StashKey[list["Scenario"]]()
+
+# Tests that predate the plugin, by module: (scenario, what was checked).
+MODULES: dict[str, tuple[str, str]] = {
+    "test_instruction_fuzz.py": (
+        "Fuzzing: instruction parser (arbitrary, mutated and structured blocks; grub-editenv differential)",
+        "`parse_instruction` returns an Instruction or raises `Rejected` with a one-line reason, never another "
+        "exception or a hang; what it accepts, grub-editenv reads the same",
+    ),
+    "test_bundle_fuzz.py": (
+        "Fuzzing: bundle reader (arbitrary bytes, mutated bundles)",
+        "`verify_bundle` raises `Rejected` with a one-line reason, or the mutation was meaningless and the "
+        "manifest and payload are the original ones",
+    ),
+    "test_hostile.py": (
+        "Hostile archives applied to a directory (traversal, absolute paths, symlink/hardlink escapes, "
+        "duplicates, directory replaced by a symlink, huge claimed size)",
+        "`extract_payload` fails with the reason; every path outside the target keeps mode, link count, "
+        "mtime and content; no stray files, no leftover threads",
+    ),
+}
+
+
+@dataclass
+class Scenario:
+    """What one test contributes to the table; tests fill it through the `scenario` fixture."""
+
+    name: str
+    checked: str = ""
+    runs: int = 1
+    ok: int | None = None  # None: 1 if the test passed, else 0 (per Hypothesis example for fuzz tests)
+    notes: list[str] = field(default_factory=list)
+    nodeid: str = ""
+    outcome: str = "not run"
+    seconds: float = 0.0
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--reliability-table", metavar="FILE", default=None,
+        help="write the reliability table (markdown) of the scenarios run in this session to FILE",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "reliability: part of the full reliability matrix only (make reliability)")
+    config.stash[RESULTS] = []
+
+
+def _default(item: pytest.Item) -> Scenario | None:
+    mapped = MODULES.get(item.path.name)
+    if mapped is None and item.path.name.startswith("test_fuzz_"):
+        doc = (item.module.__doc__ or item.path.stem).strip().splitlines()[0] if hasattr(item, "module") else ""
+        mapped = (f"Fuzzing: {doc.rstrip('.')}", "")
+    if mapped is None:
+        return None
+    return Scenario(name=mapped[0], checked=mapped[1])
+
+
+@pytest.fixture
+def scenario(request: pytest.FixtureRequest) -> Scenario:
+    """This test's entry in the reliability table: set `name`, `checked`, add `note(...)`s."""
+    found = request.node.stash.get(RUNS, None)
+    if found is None:
+        found = request.node.stash[RUNS] = Scenario(name=request.node.name)
+    return found
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if RUNS not in item.stash and (default := _default(item)) is not None:
+        item.stash[RUNS] = default
+
+
+_EXAMPLES = re.compile(r"(\d+) passing, (\d+) failing")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    entry = item.stash.get(RUNS, None)
+    if entry is None:
+        return
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        entry.outcome = report.outcome
+        entry.seconds = report.duration
+    if report.when != "teardown":
+        return
+    if report.failed and entry.outcome == "passed":
+        entry.outcome = "failed"
+    stats = getattr(item, "hypothesis_statistics", None)
+    if stats:
+        found = [(int(p), int(f)) for p, f in _EXAMPLES.findall(stats)]
+        passing, failing = sum(p for p, _ in found), sum(f for _, f in found)
+        entry.runs = passing + failing
+        # a failing test: the examples that passed kept the promise, the counterexample did not
+        entry.ok = entry.runs if entry.outcome == "passed" else passing
+    entry.nodeid = item.nodeid
+    item.config.stash[RESULTS].append(entry)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    target = session.config.getoption("--reliability-table")
+    if target:
+        Path(target).write_text(render(session.config.stash[RESULTS], session.config))
+
+
+def _commit(root: Path) -> str:
+    try:
+        return subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _profile() -> str:
+    try:
+        from hypothesis import settings
+    except ImportError:
+        return "none"
+    return f"{getattr(settings, '_current_profile', None) or 'default'}, up to {settings.default.max_examples} examples per test"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render(entries: list[Scenario], config: pytest.Config) -> str:
+    """The markdown table: one row per scenario, then each run's notes."""
+    rows: dict[str, list[Scenario]] = {}
+    for e in entries:
+        if e.outcome == "skipped":
+            continue
+        rows.setdefault(e.name, []).append(e)
+    skipped = [e for e in entries if e.outcome == "skipped"]
+    lines = [
+        "# Reliability",
+        "",
+        "Generated by `make reliability` (`tests/reliability.py`); do not edit by hand. Every power cut is a",
+        "SIGKILL of QEMU (no flush, no shutdown), every failing disk a QEMU `blkdebug` filter, every hostile",
+        "input real bytes through the real parsers. A scenario is *as promised* when every check of its test",
+        "held; fuzzing counts one run per Hypothesis example.",
+        "",
+        f"Run on {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, commit `{_commit(config.rootpath)}`, "
+        f"Hypothesis profile `{_profile()}`.",
+        "",
+        "| Scenario | Runs | As promised | What was checked |",
+        "|---|---:|---:|---|",
+    ]
+    total_runs = total_ok = 0
+    for name, group in rows.items():
+        runs = sum(e.runs for e in group)
+        ok = sum(e.ok if e.ok is not None else (e.runs if e.outcome == "passed" else 0) for e in group)
+        total_runs, total_ok = total_runs + runs, total_ok + ok
+        checked = next((e.checked for e in group if e.checked), "")
+        mark = "" if ok == runs else " **(broken)**"
+        lines.append(f"| {_cell(name)} | {runs} | {ok}{mark} | {_cell(checked)} |")
+    lines += ["", f"Total: {total_ok} of {total_runs} runs ended as promised.", ""]
+    noted = [e for group in rows.values() for e in group if e.notes or e.outcome != "passed"]
+    if noted:
+        lines += ["## Runs in detail", ""]
+        for e in noted:
+            lines.append(f"- `{e.nodeid}`: {e.outcome}, {e.seconds:.0f} s" + (f"; {'; '.join(e.notes)}" if e.notes else ""))
+        lines.append("")
+    if skipped:
+        lines += ["## Skipped", ""] + [f"- `{e.nodeid}`" for e in skipped] + [""]
+    lines += [f"Wall time of the session: {time.monotonic() - _START:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+_START = time.monotonic()
