@@ -38,7 +38,7 @@ class Timing:
         return statistics.median(self.cpu)
 
 
-def _cpu_seconds() -> float:
+def cpu_seconds() -> float:
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
@@ -52,9 +52,9 @@ def interleaved(contenders: dict[str, Callable[[], object]], *, repeat: int,
         for name, fn in contenders.items():
             if before is not None:
                 before()
-            cpu, start = _cpu_seconds(), time.perf_counter()
+            cpu, start = cpu_seconds(), time.perf_counter()
             fn()
-            runs[name].append((time.perf_counter() - start, _cpu_seconds() - cpu))
+            runs[name].append((time.perf_counter() - start, cpu_seconds() - cpu))
     return {name: Timing(tuple(w for w, _ in v), tuple(c for _, c in v)) for name, v in runs.items()}
 
 
