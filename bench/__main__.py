@@ -90,6 +90,7 @@ def demo_tree(image: object, scratch: Path) -> Path:
     target = scratch / "demo-tree"
     if target.exists():
         shutil.rmtree(target)
+    target.mkdir(parents=True)
     bundle = verify_bundle(image.bundles[vm.TO_VERSION], Keyring.load(image.keys))  # type: ignore[attr-defined]
     extract_payload(bundle, target)
     return target
@@ -188,7 +189,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if image is not None:
         r["recovery_os"] = recovery_size(image.recovery)
 
-    if "erase" in sections:
+    errors: list[str] = []
+
+    def attempt(what: str, measure: Callable[[], None]) -> None:
+        """A VM measurement that breaks off (a guest hung, QEMU died) is reported, not fatal to the rest."""
+        try:
+            measure()
+        except Exception as e:  # the report names it; the other figures are still worth having
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            errors.append(f"{what}: {type(e).__name__}: {first}")
+            say(f"{what} broke off: {first}")
+
+    def erasing() -> None:
         if args.quick:
             assert main_inputs is not None
             tree, what, size = main_inputs.tree.path, "the quick tree", 64 * MiB
@@ -199,32 +211,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         r["erase"] = measure_erase(tree, scratch / "erase", size, max(args.repeat, 5))
         r["erase_input"] = what
 
+    if "erase" in sections:
+        attempt("erase", erasing)
+
     if image is not None and sections & {"phase", "boot", "memory", "cycle"}:
         g = vm.Guest(image, vm.workdir(trees.CACHE / "vm"))
         r["accel"] = str(vm.accel())
-        if "phase" in sections:
+
+        def phase() -> None:
             runs = []
             for i in range(args.vm_repeat):
                 runs.append(vm.recovery_phase(g))
                 say(f"recovery phase, run {i + 1}/{args.vm_repeat}: {runs[-1].phase:.1f} s")
             r["phase"] = runs
-        if "boot" in sections:
+
+        def boot() -> None:
             boots: dict[tuple[str, str], list[float]] = {}
+            r["boots"] = boots
             for firmware in (vm.Firmware.bios, vm.Firmware.uefi):
                 for target in ("recovery", "ready"):
                     values = [vm.seconds_to(g, firmware, target) for _ in range(args.vm_repeat)]
                     boots[(str(firmware), target)] = values
                     say(f"boot {firmware} to {target}: {statistics.median(values):.1f} s")
-            r["boots"] = boots
-        if "memory" in sections:
+
+        def memory() -> None:
             say("smallest guest memory: installs from 512 MiB down")
             r["guest_memory"] = vm.smallest_memory(g, say=say)
-        if "cycle" in sections:
+
+        def cycle() -> None:
             cycles = []
             for i in range(max(2, args.vm_repeat - 1)):
                 cycles.append(vm.demo_cycle(g))
                 say(f"full cycle, run {i + 1}: {cycles[-1].total:.0f} s")
             r["cycle"] = cycles
+
+        for name, measure in (("phase", phase), ("boot", boot), ("memory", memory), ("cycle", cycle)):
+            if name in sections:
+                attempt(name, measure)
+    r["errors"] = errors
     shutil.rmtree(scratch, ignore_errors=True)
 
     results = Results(host=host, **r)  # type: ignore[arg-type]

@@ -41,6 +41,7 @@ class Results:
     boots: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # (firmware, ready|recovery)
     guest_memory: list[MemoryTry] = field(default_factory=list)
     cycle: list[Cycle] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # measurements that broke off, and why
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ def summary(r: Results) -> list[str]:
     lines += [f.row() for f in figures(r)]
     missed = [f.figure for f in figures(r) if f.met is False]
     lines += ["", f"Goals missed: {', '.join(missed)}." if missed else "Every measured goal is met."]
+    lines += [f"Not measured, the measurement broke off: {e}" for e in r.errors]
     return lines
 
 
@@ -258,7 +260,8 @@ def build_section(r: Results) -> list[str]:
             f"| vmlinuz | {s.kernel:,} | {s.kernel / MiB:.1f} |",
             f"| initrd.img ({s.compression}) | {s.initramfs:,} | {s.initramfs / MiB:.1f} |",
             f"| **kernel + initramfs, compressed** | {s.compressed:,} | **{s.compressed / MiB:.1f}** |",
-            f"| initramfs unpacked (the cpio archive) | {s.initramfs_unpacked:,} | {s.initramfs_unpacked / MiB:.1f} |",
+            f"| initramfs unpacked (the cpio archives){' ' + s.unpack_note if s.unpack_note else ''} | "
+            f"{s.initramfs_unpacked:,} | {s.initramfs_unpacked / MiB:.1f} |",
             "", f"Goal <= {_mib(GOALS['recovery_os'])}: {_verdict(s.compressed <= GOALS['recovery_os'])}.",
         ]
     return lines

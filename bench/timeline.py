@@ -7,7 +7,7 @@ import re
 import statistics
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from html import escape
 
@@ -54,18 +54,19 @@ DESCRIPTIONS = {
 class LineClock:
     """A Machine's `on_output` callback: each console line with the host's monotonic time its end arrived."""
 
-    def __init__(self) -> None:
-        self.start = time.monotonic()
+    def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
+        self._now = now
+        self.start = now()
         self.lines: list[tuple[float, str]] = []
         self._partial = b""
         self._lock = threading.Lock()
 
     def reset(self) -> None:
         """Call just before QEMU starts: times are seconds from then."""
-        self.start = time.monotonic()
+        self.start = self._now()
 
     def __call__(self, data: bytes) -> None:
-        now = time.monotonic() - self.start
+        now = self._now() - self.start
         with self._lock:
             *complete, self._partial = (self._partial + data).split(b"\n")
             for raw in complete:
