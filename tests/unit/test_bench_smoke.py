@@ -29,7 +29,16 @@ def test_bench_quick(tmp_path: Path) -> None:
     # A Python process with its libraries is tens of MiB: not zero, and not the benchmark's own size.
     assert all(5 < float(m.replace(",", "")) < 500 for m in memory.groups())
     assert re.search(r"\| quick \| [\d,]+ \| [\d,]+ \(", out)
-    assert report.read_text().startswith("# Performance") and "### Peak memory" in report.read_text()
+    assert re.search(r"\| `recovery.install.erase` \(mkfs.ext4\) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out)
+    assert re.search(r"Erase / `rm -rf`: \*\*[\d.]+x as fast\*\*", out)
+    # the summary lists every figure of the issue; what --quick does not measure says so
+    summary = [line for line in out.splitlines() if line.startswith("| ") and line.endswith(" |")][:11]
+    assert len([s for s in summary if "not measured" in s]) == 6, summary
+    assert re.search(r"\| payload extraction throughput \| GNU tar \+ zstd on the same payload \| >= 1.0x \| [\d.]+x \| "
+                     r"(met|\*\*MISSED\*\*) \|", out)
+    assert re.search(r"Measured .*CPUs, [\d.]+ GiB", out)
+    text = report.read_text()
+    assert text.startswith("# Performance") and "### Peak memory" in text and "### Erasing" in text
 
 
 def test_tree_is_deterministic(tmp_path: Path) -> None:
