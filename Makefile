@@ -27,14 +27,23 @@ $(VENV)/.stamp: pyproject.toml .stamp-debs
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $@
 
+# `make test` keeps a fast subset of the fault scenarios; the full matrix is `make reliability`.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -p tests.reliability -m "not reliability" tests
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit
 
 test-vm: setup
-	$(PY) -m pytest -q -m vm tests
+	$(PY) -m pytest -q -p tests.reliability -m "vm and not reliability" tests
+
+# Every power cut, failing disk and hostile input, many Hypothesis examples; writes the table.
+RELIABILITY_TESTS := tests/unit/test_instruction_fuzz.py tests/unit/test_bundle_fuzz.py \
+	tests/unit/test_fuzz_manifest.py tests/unit/test_hostile.py tests/unit/test_fuzz_hostile.py \
+	tests/vm/test_powercut.py tests/vm/test_faults.py
+reliability: setup
+	RELIABILITY=full $(PY) -m pytest -q -p tests.reliability --reliability-table docs/reliability.md \
+		$(RELIABILITY_TESTS)
 
 demo: setup
 	$(VENV)/bin/vm demo

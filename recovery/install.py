@@ -118,7 +118,7 @@ def _reason(archive: int) -> str:
     # libarchive reuses EILSEQ and EINVAL for its own format and usage errors: not OS errors then.
     if code > 0 and code not in (errno.EILSEQ, errno.EINVAL) and os.strerror(code) not in msg:
         msg = f"{msg}: {os.strerror(code)}"
-    return msg
+    return _show(msg.encode())  # it may quote a name from the archive
 
 
 def _raw_name_kept(archive: int) -> bool:
@@ -129,8 +129,9 @@ def _raw_name_kept(archive: int) -> bool:
 
 
 def _show(name: bytes) -> str:
-    """A path for a message: readable even when it is not UTF-8."""
-    return name.decode("utf-8", "backslashreplace")
+    """A path for a message: readable even when it is not UTF-8, and on one line (control characters escaped)."""
+    text = name.decode("utf-8", "backslashreplace")
+    return text if text.isprintable() else "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 # --- confinement --------------------------------------------------------------------------------
