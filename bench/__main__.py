@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from mkimage.build import BuildResult
 from recovery.install import extract_payload
 from recovery.output import MiB
 from recovery.run import run
@@ -83,7 +84,7 @@ def measure_memory(inputs: Inputs, scratch: Path) -> tuple[ChildRun, ChildRun]:
 
 
 
-def demo_tree(image: object, scratch: Path) -> Path:
+def demo_tree(image: BuildResult, scratch: Path) -> Path:
     """The 2.0.0 release's system tree, extracted from its bundle (as the recovery would install it)."""
     from recovery.bundle import Keyring, verify_bundle
 
@@ -91,7 +92,7 @@ def demo_tree(image: object, scratch: Path) -> Path:
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
-    bundle = verify_bundle(image.bundles[vm.TO_VERSION], Keyring.load(image.keys))  # type: ignore[attr-defined]
+    bundle = verify_bundle(image.bundles[vm.TO_VERSION], Keyring.load(image.keys))
     extract_payload(bundle, target)
     return target
 

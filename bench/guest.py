@@ -4,8 +4,8 @@ the recovery installs in, and the whole update cycle from the running 1.0.0 to a
 
 from __future__ import annotations
 
+import hashlib
 import json
-import logging
 import re
 import shutil
 import time
@@ -23,7 +23,6 @@ from vm.machine import Firmware, Machine
 
 from .timeline import LineClock, PhaseRun
 
-log = logging.getLogger(__name__)
 
 INSTRUCTION = "/update-instruction"
 BOOT = 600.0  # generous deadlines under TCG on a loaded machine; only a hang reaches them
@@ -68,8 +67,6 @@ _SHA: dict[Path, str] = {}
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     if path not in _SHA:
         h = hashlib.sha256()
         with path.open("rb") as f:
