@@ -308,6 +308,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("staged: nothing")
     last = state["last_result"]
     print(f"last update: {last['summary'] if last else 'none recorded'}")
+    for earlier in (last or {}).get("previous", ()):
+        when = f" on {earlier['finished']}" if earlier.get("finished") else ""
+        print(f"  before that: try {earlier['try']} failed: {earlier['reason']}{when}")
     return 0
 
 

@@ -75,7 +75,28 @@ def _terminal(machine: Machine) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    raise UsageError("vm demo is not yet implemented")
+    from mkimage.build import BuildResult, build
+    from mkimage.config import load_config
+
+    from .demo import Narrator, line, run_demo
+
+    narrator = Narrator()
+    config = load_config(None, output=args.output)
+    out = config.output
+    if args.no_build:
+        bundles = {v: out / f"{config.product}-{v}.bundle" for v in config.releases}
+        built = BuildResult(config=config, disk=out / "disk.img", bundles=bundles, keys=out / "keys",
+                            recovery=out / "recovery")
+        missing = [p for p in (built.disk, *bundles.values()) if not p.is_file()]
+        if missing:
+            raise VMError(f"{missing[0]} not found: run without --no-build to build the images")
+        narrator.mark("build", f"using the images in {out}")
+    else:
+        print(line(0.0, f"building the images into {out} (cached Debian roots make this quick after the first time)"))
+        built = build(config)
+        narrator.mark("build", f"images ready in {out}")
+    run_demo(built, out / "demo", args.firmware, narrator=narrator)
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -96,6 +117,9 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(run=cmd_run)
 
     d = sub.add_parser("demo", help="run the whole update cycle on the demo image")
+    d.add_argument("--firmware", type=Firmware, choices=list(Firmware), default=Firmware.bios)
+    d.add_argument("-o", "--output", type=Path, help="where the images are (built); default: out/")
+    d.add_argument("--no-build", action="store_true", help="use the images already in the output directory")
     d.set_defaults(run=cmd_demo)
     return p
 

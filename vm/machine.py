@@ -27,6 +27,7 @@ from .accel import Accel, choose
 from .console import Console, Pattern
 from .disk import DiskImage
 from .drive import DiskInterface, Drive
+from .network import UserNetwork
 from .shell import Shell
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class Machine:
     (`initrd`, `append`), the firmware still runs first. Files go to `workdir`: the console log
     `console-<name>.log`, QEMU's own messages `qemu-<name>.log`, and under UEFI a fresh copy of
     OVMF's variable store (or `efi_vars`, kept if it exists, to carry variables across boots).
+    `network`: False for none, True for QEMU's open user-mode network, or a `UserNetwork` (restricted,
+    with guestfwd rules to host servers).
     """
 
     def __init__(
@@ -77,7 +80,7 @@ class Machine:
         cpus: int = 1,
         accel: Accel | None = None,
         probe_kernel: Path | None = None,
-        network: bool = False,
+        network: bool | UserNetwork = False,
         name: str = "vm",
         workdir: Path | None = None,
         efi_vars: Path | None = None,
@@ -132,7 +135,10 @@ class Machine:
             "-chardev", f"socket,id=console,path={console_socket}", "-serial", "chardev:console",
             *self.firmware.qemu_args(self.efi_vars),
         ]
-        args += ["-nic", "user,model=virtio-net-pci"] if self.network else ["-nic", "none"]
+        if isinstance(self.network, UserNetwork):
+            args += self.network.qemu_args()
+        else:
+            args += ["-nic", "user,model=virtio-net-pci"] if self.network else ["-nic", "none"]
         for i, drive in enumerate(self.drives):
             # with -kernel the firmware boots QEMU's loader ROM, which holds boot index 0
             boot = i == 0 and self.disk is not None and self.kernel is None

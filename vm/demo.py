@@ -1,0 +1,277 @@
+"""`vm demo`: the whole update cycle on the demo image, narrated stage by stage with the host's clock.
+
+The published releases are served from the host's loopback; the guest reaches them only through
+QEMU's restricted user-mode network and one guestfwd (10.0.2.100:80). In the guest `updatectl
+install --latest` downloads, verifies, stages and reboots; the recovery installs; the new release
+boots and `updatectl status` must say what happened. Everything is read off the serial console.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from recovery.feed import FEED_NAME, Version
+
+from . import VMError
+from .disk import DiskImage
+from .machine import Firmware, Machine
+from .network import StaticServer, UserNetwork
+
+if TYPE_CHECKING:
+    from mkimage.build import BuildResult
+
+FEED_HOST = "10.0.2.100"  # where the guest finds the published directory (a guestfwd, not a real host)
+FEED_URL = f"http://{FEED_HOST}/{FEED_NAME}"
+
+# Generous limits for TCG on a shared machine; a stage that takes longer is a failure, not a wait.
+BOOT = 600.0  # power-on to a ready system
+KERNEL = 120.0  # reboot to the next kernel
+RECOVERY = 300.0  # each step of the recovery
+TRANSFER = 900.0  # download and verification of a bundle
+COMMAND = 120.0  # a quick command in the guest
+
+Say = Callable[[str], None]
+
+
+class DemoFailed(VMError):
+    """The cycle stopped short of a running new release that reports its install."""
+
+    kind = "demo failed"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    at: float  # seconds since the demo began
+    took: float  # seconds since the stage before
+
+
+@dataclass(frozen=True)
+class DemoReport:
+    firmware: Firmware
+    from_version: str
+    to_version: str
+    stages: tuple[Stage, ...]
+    address: str  # the guest's address from DHCP
+    status: str  # `updatectl status` as the new release printed it
+    console_log: Path
+    fetched: tuple[str, ...]  # what the guest got from the host's server (HTTP 200), in order
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+    @property
+    def seconds(self) -> float:
+        return self.stages[-1].at if self.stages else 0.0
+
+
+@dataclass
+class Narrator:
+    """Prints `demo: [ 12.3 s] …` lines and keeps the stages for the report."""
+
+    say: Say = print
+    started: float = field(default_factory=time.monotonic)
+    stages: list[Stage] = field(default_factory=list)
+
+    def mark(self, name: str, text: str) -> Stage:
+        now = time.monotonic()
+        at = now - self.started
+        took = at - (self.stages[-1].at if self.stages else 0.0)
+        stage = Stage(name, round(at, 1), round(took, 1))
+        self.stages.append(stage)
+        self.say(line(at, f"{text} (+{took:.1f} s)"))
+        return stage
+
+
+def line(at: float, text: str) -> str:
+    return f"demo: [{at:6.1f} s] {text}"
+
+
+def signing_key(built: BuildResult) -> Path:
+    """The private key the build signed with: the development key in keys/, else the configured key_dir's."""
+    development = built.keys / "signing.pem"
+    if development.is_file() and built.config.key_dir is None:
+        return development
+    if built.config.key_dir is not None:
+        return built.config.key_dir / "signing.pem"
+    raise DemoFailed(f"no signing key: {development} is missing")
+
+
+def publish_releases(built: BuildResult, directory: Path) -> str:
+    """`mkimage publish` of every built bundle into `directory` (made afresh); the newest version."""
+    from mkimage.publish import publish
+
+    if directory.exists():
+        shutil.rmtree(directory)
+    versions = sorted(built.bundles, key=Version)
+    done = publish([built.bundles[v] for v in versions], directory, key=signing_key(built))
+    return max(done.added, key=Version)
+
+
+class _Cycle:
+    """One run of the demo on one machine; each method waits for one stage on the console."""
+
+    def __init__(self, machine: Machine, narrator: Narrator, product: str) -> None:
+        self.m = machine
+        self.narrator = narrator
+        self.product = product
+        self.where = "boot"
+
+    def expect(self, pattern: str, timeout: float) -> re.Match[str]:
+        """Wait for `pattern`; a recovery verdict other than the one awaited ends the demo."""
+        verdict = r"recovery: (?P<bad>rejected|failed): (?P<why>[^\n]*)"
+        match = self.m.expect(f"(?:{pattern})|{verdict}", timeout)
+        if match.group("bad"):
+            raise DemoFailed(f"the recovery {match.group('bad')} the update: {match.group('why').strip()}")
+        return match
+
+    def ready(self, version: str, name: str) -> None:
+        self.where = f"waiting for {self.product} {version}"
+        self.expect(re.escape(f"system {self.product} {version} ready"), BOOT)
+        self.narrator.mark(name, f"{self.product} {version} ready")
+
+    def network(self) -> str:
+        self.where = "waiting for the guest's DHCP lease"
+        # systemd-networkd keeps its DHCP lease in a file; iproute2 is not in the image.
+        status, out = self.m.shell(
+            "(for i in $(seq 60); do a=$(sed -n 's/^ADDRESS=//p' /run/systemd/netif/leases/* 2>/dev/null); "
+            '[ -n "$a" ] && { echo "$a"; exit 0; }; sleep 1; done; exit 1)',
+            COMMAND,
+        )
+        address = out.strip().splitlines()[-1] if out.strip() else ""
+        if status != 0 or not address:
+            raise DemoFailed("the guest got no address from QEMU's DHCP server within 60 s")
+        self.narrator.mark("network", f"network up: guest {address}, releases at {FEED_URL}")
+        return address
+
+    def install(self) -> str:
+        """`updatectl install --latest` up to the reboot it starts; the version it staged."""
+        m, say = self.m, self.narrator
+        self.where = "updatectl install"
+        m.shell("rm -f /run/updatectl.err", COMMAND)  # also: the shell is at its prompt
+        # The exit status comes back as `demo-exit=N`; typed as `demo-''exit` so the echo does not match.
+        m.send(f"updatectl install --latest {FEED_URL} 2>/run/updatectl.err; echo demo-''exit=$?\n")
+        done = r"demo-exit=(?P<code>\d+)"
+
+        def until(pattern: str, timeout: float) -> re.Match[str]:
+            match = self.expect(f"(?:{pattern})|{done}", timeout)
+            if match.group("code") is not None:
+                if match.group("code") == "0":
+                    raise DemoFailed("updatectl exited 0 without staging and rebooting")
+                raise DemoFailed(f"updatectl install: {self._error()}")
+            return match
+
+        self.where = "downloading"
+        match = until(r"Downloading (?P<url>\S+) to \S+\n", COMMAND)
+        say.mark("feed", f"feed verified, downloading {match.group('url')}")
+        until(r"Downloading \S+ to \S+ done in [\d.]+ s", TRANSFER)
+        say.mark("download", "download done")
+        self.where = "verifying"
+        until(r"Verifying \S+ done in [\d.]+ s", TRANSFER)
+        say.mark("verify", "bundle verified (signature, sha256, product, version)")
+        match = until(r"staged \S+ (?P<version>\S+) \(", COMMAND)
+        version = match.group("version")
+        say.mark("staged", f"{version} staged: instruction written to /cfg")
+        until(r"rebooting into the recovery", COMMAND)
+        self.where = "rebooting into the recovery"
+        self.expect(r"Loading the recovery OS \(try 1\)", BOOT)
+        say.mark("reboot", "rebooted: GRUB found the instruction and boots the recovery (try 1)")
+        return version
+
+    def _error(self) -> str:
+        try:
+            _, out = self.m.shell("cat /run/updatectl.err", COMMAND)
+        except VMError as e:
+            return f"failed, and its message could not be read: {e}"
+        lines = [ln for ln in out.splitlines() if ln.strip()]
+        return lines[-1] if lines else "failed without a message"
+
+    def recovery(self, version: str) -> None:
+        say = self.narrator
+        self.where = "the recovery"
+        self.expect(r"recovery: starting \(try 1\)", KERNEL)
+        say.mark("recovery", "recovery started (try 1)")
+        for step in ("verifying", "erasing", "extracting", "finishing"):
+            self.where = f"recovery {step}"
+            self.expect(rf"recovery: {step}\n", RECOVERY)
+            say.mark(step, f"recovery {step}")
+        self.expect(rf"recovery: installed {re.escape(version)}", RECOVERY)
+        say.mark("installed", f"recovery installed {version}")
+        self.where = f"rebooting into {version}"
+        self.expect(r"Loading the system", KERNEL)
+        say.mark("reboot-system", f"rebooted: GRUB boots the system ({version})")
+
+    def status(self, from_version: str, version: str) -> str:
+        self.where = "updatectl status"
+        code, out = self.m.shell("updatectl status", COMMAND)
+        text = out.strip()
+        self.narrator.mark("status", "updatectl status:")
+        for status_line in text.splitlines():
+            self.narrator.say(f"demo:            {status_line}")
+        if code != 0:
+            raise DemoFailed(f"updatectl status exited {code}: {text.splitlines()[-1] if text else ''}")
+        want = (f"running: {self.product} {version}", f"last update: installed {from_version} -> {version}")
+        lines = text.splitlines()
+        if want[0] not in lines or not any(ln.startswith(want[1]) for ln in lines):
+            raise DemoFailed(f"updatectl status does not say {want[1]!r}")
+        return text
+
+
+def run_demo(
+    built: BuildResult,
+    workdir: Path,
+    firmware: Firmware = Firmware.bios,
+    *,
+    say: Say = print,
+    narrator: Narrator | None = None,
+) -> DemoReport:
+    """Boot `built`'s image (through an overlay in `workdir`) and update it to the newest release.
+
+    Raises DemoFailed with one line that says at which stage and why, and names the console log.
+    """
+    narrator = narrator or Narrator(say)
+    narrator.say(line(time.monotonic() - narrator.started,
+                      "times are host seconds since the start; (+N s) is the time since the line before"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    product, from_version = built.config.product, built.config.version
+    to_version = publish_releases(built, workdir / "published")
+    narrator.mark("publish", f"published {', '.join(sorted(built.bundles, key=Version))} "
+                             f"(newest {to_version}) in {workdir / 'published'}")
+    overlay = workdir / "disk.qcow2"
+    overlay.unlink(missing_ok=True)
+    disk = DiskImage.open(built.disk).overlay(overlay)
+    with StaticServer(workdir / "published") as server:
+        machine = Machine(
+            disk, firmware=firmware, network=UserNetwork((server.forward(FEED_HOST, 80),)), name="demo",
+            workdir=workdir, probe_kernel=built.recovery / "vmlinuz",
+        )
+        narrator.say(line(time.monotonic() - narrator.started,
+                          f"booting {product} {from_version} ({firmware}); serving {server.directory} "
+                          f"on {server.host}:{server.port}, guest sees it at {FEED_HOST}:80"))
+        cycle = _Cycle(machine, narrator, product)
+        try:
+            with machine:
+                cycle.ready(from_version, "boot")
+                address = cycle.network()
+                staged = cycle.install()
+                if staged != to_version:
+                    raise DemoFailed(f"updatectl staged {staged}, expected the newest release {to_version}")
+                cycle.recovery(to_version)
+                cycle.ready(to_version, "ready")
+                status = cycle.status(from_version, to_version)
+        except VMError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DemoFailed(f"{cycle.where}: {first} (console log: {machine.console_log})") from e
+    narrator.say(line(time.monotonic() - narrator.started,
+                      f"done: {product} {from_version} -> {to_version}; console log {machine.console_log}"))
+    return DemoReport(
+        firmware=Firmware(firmware), from_version=from_version, to_version=to_version,
+        stages=tuple(narrator.stages), address=address, status=status, console_log=machine.console_log,
+        fetched=tuple(r.path for r in server.requests if r.status == 200),
+    )
