@@ -170,7 +170,7 @@ def render(entries: list[Scenario], config: pytest.Config) -> str:
         "held; fuzzing counts one run per Hypothesis example.",
         "",
         f"Run on {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, commit `{_commit(config.rootpath)}`, "
-        f"Hypothesis profile `{_profile()}`.",
+        f"Hypothesis profile `{_profile()}`. Command: `pytest {' '.join(config.invocation_params.args)}`.",
         "",
         "| Scenario | Runs | As promised | What was checked |",
         "|---|---:|---:|---|",

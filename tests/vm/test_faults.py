@@ -46,7 +46,7 @@ def file_sectors(disk: DiskImage, partition: str, path: str) -> list[int]:
     with tempfile.TemporaryDirectory(dir=disk.path.parent) as tmp:
         image = Path(tmp) / "part"
         disk.export_range(part.start, part.size, image)
-        out = run(["debugfs", "-R", f'stats', image]).stdout.decode()
+        out = run(["debugfs", "-R", "stats", image]).stdout.decode()
         block_size = int(re.search(r"Block size:\s+(\d+)", out).group(1))  # type: ignore[union-attr]
         blocks = [int(b) for b in run(["debugfs", "-R", f'blocks "{path}"', image]).stdout.split()]
     assert blocks, f"{path} has no data blocks on {partition}"
@@ -66,7 +66,7 @@ def test_storage_read_errors_while_verifying_reject_the_update(
     scenario.name = "Storage disk returns read errors in the staged bundle while it is verified"
     scenario.checked = (
         "`recovery: rejected` naming the I/O error; result.json rejected; instruction removed; the system "
-        "partition byte-for-byte as built; 1.0.0 boots again"
+        "partition byte-for-byte as built; GRUB boots the system again"
     )
     stage(vm_disk, built_image.bundles["2.0.0"].read_bytes(), name=BUNDLE.rsplit("/", 1)[1])
     sectors = file_sectors(vm_disk, "storage", BUNDLE)
@@ -77,8 +77,7 @@ def test_storage_read_errors_while_verifying_reject_the_update(
     verdict = m.expect(r"recovery: (installed|rejected|failed)[^\r\n]*", RECOVERY).group(0)
     assert re.match(r"recovery: rejected: .*(Input/output error|I/O error)", verdict), verdict
     m.expect(r"Loading the system", KERNEL)
-    m.expect(ready(built_image, "1.0.0"), BOOT)
-    m.power_cut()
+    m.power_cut()  # GRUB chose the old system; cut before its kernel mounts (and so changes) it
     result = read_result(vm_disk)
     assert result["outcome"] == "rejected", result
     assert vm_disk.read_file("cfg", INSTRUCTION) is None
