@@ -16,7 +16,7 @@ from recovery.instruction import parse_instruction
 from vm.disk import DiskImage
 from vm.machine import Firmware, Machine
 
-from tests.vm.staging import INSTRUCTION, RESULT, bad_bundles, partition_digest, read_result, stage
+from tests.vm.staging import INSTRUCTION, bad_bundles, partition_digest, read_result, sha256, stage
 
 KERNEL = 120.0  # power-on to the kernel's command line
 RECOVERY = 300.0  # recovery start to its verdict under TCG, generously
@@ -32,14 +32,16 @@ def good_bundle(built_image: Any) -> bytes:
     return built_image.bundles["2.0.0"].read_bytes()
 
 
-@pytest.mark.parametrize("firmware", [Firmware.uefi, Firmware.bios])
+# UEFI with 384 MiB: the recovery (a RAM initramfs) must complete an install in that little memory.
+@pytest.mark.parametrize(("firmware", "memory"), [(Firmware.uefi, 384), (Firmware.bios, 1024)])
 def test_update_installs_the_new_release(
-    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, good_bundle: bytes, firmware: Firmware
+    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, good_bundle: bytes,
+    firmware: Firmware, memory: int,
 ) -> None:
     vm_disk.write_file("storage", "/keep/data.txt", b"operator data\n")
     vm_disk.write_file("cfg", "/keep.conf", b"setting=1\n")
     stage(vm_disk, good_bundle, name="demo-appliance-2.0.0.bundle")
-    m = machine(firmware)
+    m = machine(firmware, memory=memory)
     m.expect(r"recovery: starting \(try 1\)", KERNEL)
     for step in ("verifying", "erasing", "extracting"):
         m.expect(rf"recovery: {step}\r?\n", RECOVERY)
@@ -68,21 +70,25 @@ def test_update_installs_the_new_release(
 
 
 def _expect_rejected_and_system_back(
-    m: Machine, vm_disk: DiskImage, system_before: str, reason: str, *, full_boot: bool, built: Any
+    machine: Callable[..., Machine], vm_disk: DiskImage, system_before: str, reason: str, *, full_boot: bool, built: Any
 ) -> None:
+    m = machine()
     m.expect(r"recovery: starting \(try 1\)", KERNEL)
     m.expect(rf"recovery: rejected: .*{reason}", RECOVERY)
     m.expect(r"recovery: rebooting", RECOVERY)
-    # GRUB must choose the old system again: the instruction is gone.
+    # GRUB must choose the old system again: the instruction is gone. Cut before the system mounts
+    # its root (which writes to it) to compare the partition byte for byte.
     m.expect(r"Loading the system", KERNEL)
-    if full_boot:
-        m.expect(ready(built, "1.0.0"), BOOT)
     m.power_cut()
     result = read_result(vm_disk)
     assert result["outcome"] == "rejected", result
     assert re.search(reason, result["reason"]), result
     assert vm_disk.read_file("cfg", INSTRUCTION) is None
     assert partition_digest(vm_disk, "system") == system_before
+    if full_boot:
+        again = machine()
+        again.expect(r"Loading the system", KERNEL)
+        again.expect(ready(built, "1.0.0"), BOOT)
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +115,8 @@ def test_bad_bundle_is_rejected_and_the_system_untouched(
 ) -> None:
     bad = bad_bundles(good_bundle, built_image.keys / "signing.pem", foreign_key)[case]
     stage(vm_disk, bad.bundle)
-    m = machine()
     _expect_rejected_and_system_back(
-        m, vm_disk, system_digest, bad.reason, full_boot=case == BAD_BUNDLES[0], built=built_image
+        machine, vm_disk, system_digest, bad.reason, full_boot=case == BAD_BUNDLES[0], built=built_image
     )
 
 
@@ -133,13 +138,37 @@ def test_bad_instruction_is_rejected_and_the_system_untouched(
         stage(vm_disk, good_bundle, version="3.0.0")
     else:
         stage(vm_disk, None, disk_spec="PARTLABEL=nowhere", sha="0" * 64)
-    m = machine()
-    _expect_rejected_and_system_back(m, vm_disk, system_digest, reason, full_boot=False, built=built_image)
+    _expect_rejected_and_system_back(machine, vm_disk, system_digest, reason, full_boot=False, built=built_image)
 
 
 def test_garbage_instruction_is_rejected_and_removed(
     machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, system_digest: str
 ) -> None:
     vm_disk.write_file("cfg", INSTRUCTION, bytes(range(256)) * 4)
+    _expect_rejected_and_system_back(
+        machine, vm_disk, system_digest, r"instruction", full_boot=False, built=built_image
+    )
+
+
+def test_recovery_waits_for_a_disk_that_appears_late(
+    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, good_bundle: bytes, tmp_path: Path
+) -> None:
+    """The bundle lies on a stick plugged in only after the recovery started looking for it: the
+    recovery must pick it up from udev's events (within its device_timeout) and go on to install."""
+    import subprocess
+
+    tree = tmp_path / "stick"
+    (tree / "bundles").mkdir(parents=True)
+    (tree / "bundles/update.bundle").write_bytes(good_bundle)
+    stick = tmp_path / "stick.img"
+    with stick.open("wb") as f:
+        f.truncate(len(good_bundle) + 64 * 1024 * 1024)
+    subprocess.run(["mkfs.ext4", "-q", "-L", "usbstick", "-d", tree, stick], check=True)
+    stage(vm_disk, None, disk_spec="LABEL=usbstick", sha=sha256(good_bundle))
     m = machine()
-    _expect_rejected_and_system_back(m, vm_disk, system_digest, r"instruction", full_boot=False, built=built_image)
+    m.expect(r"recovery: verifying", RECOVERY)
+    m.qmp("blockdev-add", driver="raw", **{"node-name": "stick"},
+          file={"driver": "file", "filename": str(stick)})
+    m.qmp("device_add", driver="virtio-blk-pci", drive="stick", id="stick0")
+    m.expect(r"recovery: erasing", RECOVERY)  # found, mounted and verified: the rest is the happy path
+    m.power_cut()
