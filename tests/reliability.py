@@ -42,6 +42,15 @@ MODULES: dict[str, tuple[str, str]] = {
         "`extract_payload` fails with the reason; every path outside the target keeps mode, link count, "
         "mtime and content; no stray files, no leftover threads",
     ),
+    "test_fuzz_manifest.py": (
+        "Fuzzing: manifest parser `Manifest.parse` (arbitrary bytes, arbitrary JSON, mutated manifests)",
+        "a Manifest that writes back to itself, or `Rejected` with a one-line reason; never another exception",
+    ),
+    "test_fuzz_hostile.py": (
+        "Hostile archives: enormous sizes (pax, base-256, petabyte sparse) and generated escaping archives",
+        "success or `Failed` with a one-line reason; nothing outside the target changes; nothing resolves "
+        "outside the target; working directory kept",
+    ),
 }
 
 
