@@ -78,9 +78,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from mkimage.build import BuildResult, build
     from mkimage.config import load_config
 
-    from .demo import Narrator, line, run_demo
+    from .demo import Narrator, run_demo
 
     narrator = Narrator()
+    narrator.legend()
     config = load_config(None, output=args.output)
     out = config.output
     if args.no_build:
@@ -92,7 +93,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             raise VMError(f"{missing[0]} not found: run without --no-build to build the images")
         narrator.mark("build", f"using the images in {out}")
     else:
-        print(line(0.0, f"building the images into {out} (cached Debian roots make this quick after the first time)"))
+        narrator.note(f"building the images into {out} (cached Debian roots make this quick after the first time)")
         built = build(config)
         narrator.mark("build", f"images ready in {out}")
     run_demo(built, out / "demo", args.firmware, narrator=narrator)

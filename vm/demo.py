@@ -79,6 +79,13 @@ class Narrator:
     started: float = field(default_factory=time.monotonic)
     stages: list[Stage] = field(default_factory=list)
 
+    def note(self, text: str) -> None:
+        """A line with the time but no stage of its own."""
+        self.say(line(time.monotonic() - self.started, text))
+
+    def legend(self) -> None:
+        self.note("times are host seconds since the start; (+N s) is the time since the line before")
+
     def mark(self, name: str, text: str) -> Stage:
         now = time.monotonic()
         at = now - self.started
@@ -154,17 +161,20 @@ class _Cycle:
         """`updatectl install --latest` up to the reboot it starts; the version it staged."""
         m, say = self.m, self.narrator
         self.where = "updatectl install"
-        m.shell("rm -f /run/updatectl.err", COMMAND)  # also: the shell is at its prompt
+        m.shell("rm -f /run/updatectl.err /run/updatectl.out", COMMAND)  # also: the shell is at its prompt
         # The exit status comes back as `demo-exit=N`; typed as `demo-''exit` so the echo does not match.
-        m.send(f"updatectl install --latest {FEED_URL} 2>/run/updatectl.err; echo demo-''exit=$?\n")
+        # Through tee, stdout is no terminal: progress comes as whole lines, as on any serial console.
+        m.send(f"updatectl install --latest {FEED_URL} 2>/run/updatectl.err | tee /run/updatectl.out; "
+               "echo demo-''exit=${PIPESTATUS[0]}\n")
         done = r"demo-exit=(?P<code>\d+)"
 
         def until(pattern: str, timeout: float) -> re.Match[str]:
             match = self.expect(f"(?:{pattern})|{done}", timeout)
             if match.group("code") is not None:
                 if match.group("code") == "0":
-                    raise DemoFailed("updatectl exited 0 without staging and rebooting")
-                raise DemoFailed(f"updatectl install: {self._error()}")
+                    said = self._last_line("/run/updatectl.out")
+                    raise DemoFailed(f"updatectl exited 0 without staging an update: {said}")
+                raise DemoFailed(f"updatectl install: {self._last_line('/run/updatectl.err')}")
             return match
 
         self.where = "downloading"
@@ -184,13 +194,13 @@ class _Cycle:
         say.mark("reboot", "rebooted: GRUB found the instruction and boots the recovery (try 1)")
         return version
 
-    def _error(self) -> str:
+    def _last_line(self, path: str) -> str:
         try:
-            _, out = self.m.shell("cat /run/updatectl.err", COMMAND)
+            _, out = self.m.shell(f"cat {path}", COMMAND)
         except VMError as e:
-            return f"failed, and its message could not be read: {e}"
+            return f"its message could not be read: {str(e).splitlines()[0]}"
         lines = [ln for ln in out.splitlines() if ln.strip()]
-        return lines[-1] if lines else "failed without a message"
+        return lines[-1] if lines else "no message"
 
     def recovery(self, version: str) -> None:
         say = self.narrator
@@ -235,9 +245,9 @@ def run_demo(
 
     Raises DemoFailed with one line that says at which stage and why, and names the console log.
     """
-    narrator = narrator or Narrator(say)
-    narrator.say(line(time.monotonic() - narrator.started,
-                      "times are host seconds since the start; (+N s) is the time since the line before"))
+    if narrator is None:
+        narrator = Narrator(say)
+        narrator.legend()
     workdir.mkdir(parents=True, exist_ok=True)
     product, from_version = built.config.product, built.config.version
     to_version = publish_releases(built, workdir / "published")
@@ -251,9 +261,8 @@ def run_demo(
             disk, firmware=firmware, network=UserNetwork((server.forward(FEED_HOST, 80),)), name="demo",
             workdir=workdir, probe_kernel=built.recovery / "vmlinuz",
         )
-        narrator.say(line(time.monotonic() - narrator.started,
-                          f"booting {product} {from_version} ({firmware}); serving {server.directory} "
-                          f"on {server.host}:{server.port}, guest sees it at {FEED_HOST}:80"))
+        narrator.note(f"booting {product} {from_version} ({firmware}); serving {server.directory} "
+                      f"on {server.host}:{server.port}, guest sees it at {FEED_HOST}:80")
         cycle = _Cycle(machine, narrator, product)
         try:
             with machine:
@@ -268,8 +277,7 @@ def run_demo(
         except VMError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DemoFailed(f"{cycle.where}: {first} (console log: {machine.console_log})") from e
-    narrator.say(line(time.monotonic() - narrator.started,
-                      f"done: {product} {from_version} -> {to_version}; console log {machine.console_log}"))
+    narrator.note(f"done: {product} {from_version} -> {to_version}; console log {machine.console_log}")
     return DemoReport(
         firmware=Firmware(firmware), from_version=from_version, to_version=to_version,
         stages=tuple(narrator.stages), address=address, status=status, console_log=machine.console_log,

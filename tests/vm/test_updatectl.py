@@ -70,7 +70,10 @@ def test_demo_updates_the_running_system_over_the_network(built_image: Any, tmp_
     assert report.address.startswith("10.0.2.")
     # The guest fetched the feed, its signature and the bundle from the host's server, through the guestfwd.
     assert {"/releases.json", "/releases.json.sig", f"/{BUNDLE}"} <= set(report.fetched)
-    assert all(re.match(r"demo: \[ *\d+\.\d s\] ", s) for s in said)
+    assert said and all(s.startswith("demo: ") for s in said)
+    timed = [s for s in said if re.match(r"demo: \[ *\d+\.\d s\] .* \(\+\d+\.\d s\)$", s)]
+    assert len(timed) == len(report.stages)
+    assert any("last update: installed 1.0.0 -> 2.0.0" in s for s in said)
     assert report.console_log.is_file()
     assert "recovery: installed 2.0.0" in report.console_log.read_text(errors="replace")
 
