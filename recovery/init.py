@@ -162,6 +162,13 @@ def _stage(console: Console, name: str, seconds: dict[str, float], key: str | No
             seconds[key] = round(time.monotonic() - start, 2)
 
 
+def _syncfs(fd: int, device: Path) -> None:
+    """Write the file system behind `fd` to disk; Failed if any write to it failed since `fd` was opened."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syncfs(fd) != 0:
+        raise Failed(f"writing the new system to {device} failed: {os.strerror(ctypes.get_errno())}")
+
+
 def _read_os_version(root: Path) -> str | None:
     try:
         for line in (root / "etc/os-release").read_text().splitlines():
@@ -285,12 +292,18 @@ class Installer:
                 erase(system, label=marker.get("label") or None, uuid=marker["uuid"])
             with _stage(self.console, "extracting", self.seconds, "extract"):
                 mount(system, SYSTEM_MOUNT, options="rw,nosuid,nodev")
-                progress = Progress(
-                    bundle.manifest.payload.size, "recovery: extracting", stream=sys.stdout, live=False
-                )
-                stats = extract_payload(bundle, SYSTEM_MOUNT, progress=progress)
-                progress.finish()
-                os.sync()
+                # Opened before the first write: syncfs on it reports every write error since (sync(2)
+                # reports none, and the page cache hides them from the extraction's own writes).
+                root = os.open(SYSTEM_MOUNT, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    progress = Progress(
+                        bundle.manifest.payload.size, "recovery: extracting", stream=sys.stdout, live=False
+                    )
+                    stats = extract_payload(bundle, SYSTEM_MOUNT, progress=progress)
+                    progress.finish()
+                    _syncfs(root, system)
+                finally:
+                    os.close(root)
                 umount(SYSTEM_MOUNT)
         except UpdateError as e:
             raise Failed(str(e)) from None
