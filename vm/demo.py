@@ -35,6 +35,7 @@ KERNEL = 120.0  # reboot to the next kernel
 RECOVERY = 300.0  # each step of the recovery
 TRANSFER = 900.0  # download and verification of a bundle
 COMMAND = 120.0  # a quick command in the guest
+MiB = 1024 * 1024
 
 Say = Callable[[str], None]
 
@@ -157,8 +158,10 @@ class _Cycle:
         self.narrator.mark("network", f"network up: guest {address}, releases at {FEED_URL}")
         return address
 
-    def install(self) -> str:
-        """`updatectl install --latest` up to the reboot it starts; the version it staged."""
+    def install(self, size: int) -> str:
+        """`updatectl install --latest` up to the reboot it starts; the version it staged.
+
+        `size` is the newest bundle's, for the download's rate."""
         m, say = self.m, self.narrator
         self.where = "updatectl install"
         m.shell("rm -f /run/updatectl.err /run/updatectl.out", COMMAND)  # also: the shell is at its prompt
@@ -181,7 +184,8 @@ class _Cycle:
         match = until(r"Downloading (?P<url>\S+) to \S+\n", COMMAND)
         say.mark("feed", f"feed verified, downloading {match.group('url')}")
         until(r"Downloading \S+ to \S+ done in [\d.]+ s", TRANSFER)
-        say.mark("download", "download done")
+        took = say.mark("download", "download done").took
+        say.note(f"  {size / MiB:.1f} MiB, {size / MiB / max(took, 0.1):.1f} MiB/s over the guestfwd")
         self.where = "verifying"
         until(r"Verifying \S+ done in [\d.]+ s", TRANSFER)
         say.mark("verify", "bundle verified (signature, sha256, product, version)")
@@ -268,7 +272,7 @@ def run_demo(
             with machine:
                 cycle.ready(from_version, "boot")
                 address = cycle.network()
-                staged = cycle.install()
+                staged = cycle.install(built.bundles[to_version].stat().st_size)
                 if staged != to_version:
                     raise DemoFailed(f"updatectl staged {staged}, expected the newest release {to_version}")
                 cycle.recovery(to_version)
