@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import select
 import sys
@@ -80,6 +81,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from .demo import Narrator, run_demo
 
+    if not args.debug:
+        # qemu.qmp tells at INFO level that QEMU closed its monitor when the demo ends it: not news.
+        logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
     narrator = Narrator()
     narrator.legend()
     config = load_config(None, output=args.output)
