@@ -148,7 +148,7 @@ def figures(r: Results) -> list[Figure]:
 
 
 def summary(r: Results) -> list[str]:
-    lines = ["| figure | reference | goal | measured (median) | goal |", "|---|---|---|---|---|"]
+    lines = ["| figure | reference | goal | measured (median) | verdict |", "|---|---|---|---|---|"]
     lines += [f.row() for f in figures(r)]
     missed = [f.figure for f in figures(r) if f.met is False]
     lines += ["", f"Goals missed: {', '.join(missed)}." if missed else "Every measured goal is met."]
