@@ -28,14 +28,17 @@ $(VENV)/.stamp: pyproject.toml .stamp-debs
 	@touch $@
 
 # `make test` keeps a fast subset of the fault scenarios; the full matrix is `make reliability`.
+# The QEMU tests run two at a time: each guest is one emulated CPU, and the machine has two.
+VM_JOBS ?= 2
 test: setup
-	$(PY) -m pytest -q -p tests.reliability -m "not reliability" tests
+	$(PY) -m pytest -q -p tests.reliability -m "not reliability" tests/unit
+	$(PY) -m pytest -q -p tests.reliability -m "not reliability" -n $(VM_JOBS) tests/vm
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit
 
 test-vm: setup
-	$(PY) -m pytest -q -p tests.reliability -m "vm and not reliability" tests
+	$(PY) -m pytest -q -p tests.reliability -m "not reliability" -n $(VM_JOBS) tests/vm
 
 # Every power cut, failing disk and hostile input, many Hypothesis examples; writes the table.
 RELIABILITY_TESTS := tests/unit/test_instruction_fuzz.py tests/unit/test_bundle_fuzz.py \
