@@ -191,9 +191,15 @@ def test_demo_system_is_release_1(built_image, demo_fs):
     assert "signing.pem" not in debugfs(demo_fs["system"], "ls /etc/recovery/keys")
 
 
-def test_demo_cfg_has_empty_recovery_dir(demo_fs):
+def test_demo_cfg_has_only_grubs_fallback_counter(demo_fs, tmp_path):
+    """cfg starts with no instruction and no result: only the empty block GRUB counts garbage in."""
     names = [line.split()[-1] for line in debugfs(demo_fs["cfg"], "ls -l /recovery").splitlines() if line.strip()]
-    assert sorted(names) == [".", ".."]
+    assert sorted(names) == [".", "..", "grubenv"]
+    assert "update-instruction" not in debugfs(demo_fs["cfg"], "ls /")
+    block = tmp_path / "grubenv"
+    debugfs(demo_fs["cfg"], f"dump /recovery/grubenv {block}")
+    listed = subprocess.run(["grub-editenv", str(block), "list"], capture_output=True, text=True, check=True)
+    assert len(block.read_bytes()) == 1024 and listed.stdout == ""
 
 
 def test_demo_recovery_partition(built_image, demo_fs):
