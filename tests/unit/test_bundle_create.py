@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from mkimage.bundle import create_bundle, generate_keys
+from mkimage.bundle import create_bundle
 from recovery.bundle import Compression, Manifest, VerifiedBundle, verify_bundle
 from recovery.errors import Rejected
 from recovery.keys import Keyring
 from recovery.run import run
 
-from .sample_tree import SAMPLE_NON_UTF8, bundle_members, make_sample_tree, make_small_tree, snapshot
+from .sample_tree import SAMPLE_NON_UTF8, bundle_members, make_small_tree, snapshot
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: the sample tree has device nodes, foreign owners, security.capability"
@@ -33,17 +33,8 @@ GNU_TAR_EXTRACT = ["tar", "--extract", "--xattrs", "--xattrs-include=*", "--acls
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("keys")
-    generate_keys(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the sample tree has device nodes, foreign owners, security.capability")
-    return make_sample_tree(tmp_path_factory.mktemp("sample") / "root", variant="2.0.0")
+def tree(sample: Path) -> Path:
+    return sample
 
 
 def extract_payload_with_gnu_tar(bundle: VerifiedBundle, into: Path) -> Path:

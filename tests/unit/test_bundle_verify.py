@@ -24,13 +24,6 @@ from .sample_tree import assemble_bundle, bundle_members, make_small_tree, sign_
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("keys")
-    generate_keys(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def keyring(keys: Path) -> Keyring:
     return Keyring.load(keys)
 

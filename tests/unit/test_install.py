@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mkimage.bundle import create_bundle, generate_keys
+from mkimage.bundle import create_bundle
 from recovery.bundle import Compression, Manifest, PayloadInfo, VerifiedBundle, verify_bundle
 from recovery.errors import Failed, Rejected
 from recovery.install import ExtractStats, apply_bundle, erase, extract_payload
@@ -34,7 +34,6 @@ from .sample_tree import (
     SAMPLE_SETUID,
     SAMPLE_SPARSE,
     SAMPLE_SYMLINKS,
-    make_sample_tree,
     make_small_tree,
     snapshot,
 )
@@ -78,20 +77,6 @@ class RecordingProgress:
 
 
 # --- fixtures ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("keys")
-    generate_keys(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the sample tree has device nodes, foreign owners, security.capability")
-    return make_sample_tree(tmp_path_factory.mktemp("sample") / "root", variant="2.0.0")
 
 
 @pytest.fixture(scope="module")
