@@ -366,9 +366,17 @@ def install(config: RecoveryConfig, boot: Boot, console: Console) -> None:
     """The whole install; ends by rebooting (or falls into the rescue shell if it cannot)."""
     cfg = _mount_cfg(config)
     if not (cfg / INSTRUCTION).exists() and not (cfg / INCOMPLETE).exists():
-        # Chosen from the boot menu with nothing staged: keep the last result, offer the shell.
+        # Nothing staged. GRUB reads cfg without replaying its journal, so after a power cut just as
+        # the instruction was removed it may still see it and boot us: waiting in a shell would strand
+        # the appliance. Unmounting cleanly writes the removal where GRUB reads; then boot the system.
+        # (The menu's rescue entry still gives the shell.)
+        from .devices import umount_all
+
+        last = read_result(cfg)
         console.say("recovery: no update instruction")
-        rescue(config, console)
+        console.say(f"recovery: last result: {last.summary() if last else 'none'}")
+        console.say("recovery: rebooting")
+        umount_all(RUN)
         return
     if not (cfg / FALLBACK_COUNTER).exists():
         reset_fallback_counter(cfg)

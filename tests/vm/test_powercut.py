@@ -220,3 +220,22 @@ def test_treecheck_tells_releases_apart(built_image: Any, vm_disk: DiskImage, sc
     tree = installed_tree(vm_disk)
     assert differences(payload_tree(built_image.bundles["1.0.0"], built_image.keys), tree) == []
     assert differences(payload_tree(built_image.bundles["2.0.0"], built_image.keys), tree) != []
+
+
+def test_recovery_with_nothing_staged_boots_the_system(
+    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, scenario: Scenario
+) -> None:
+    """GRUB reads cfg without its journal: after a cut just as the instruction was removed it may still boot
+    the recovery, which then finds nothing staged. It must reboot on its own, not wait in a shell (found by
+    the `result-written` cut: the appliance stood in the rescue shell)."""
+    scenario.name = "Recovery booted with nothing staged (GRUB saw a removed instruction through a stale journal)"
+    scenario.checked = "the recovery says so and reboots by itself; cfg unmounted cleanly"
+    m = machine(
+        disk=vm_disk, kernel=built_image.recovery / "vmlinuz", initrd=built_image.recovery / "initrd.img",
+        append="recovery.try=1 console=ttyS0,115200",
+    )
+    m.expect(r"recovery: no update instruction", RECOVERY)
+    m.expect(r"recovery: rebooting", RECOVERY)
+    m.expect(r"reboot: Restarting system|recovery: starting", KERNEL)
+    m.power_cut()
+    assert vm_disk.read_file("cfg", INSTRUCTION) is None
