@@ -46,7 +46,7 @@ RELIABILITY_TESTS := tests/unit/test_instruction_fuzz.py tests/unit/test_bundle_
 	tests/vm/test_powercut.py tests/vm/test_faults.py
 reliability: setup
 	RELIABILITY=full $(PY) -m pytest -q -p tests.reliability --reliability-table docs/reliability.md \
-		$(RELIABILITY_TESTS)
+		-n $(VM_JOBS) $(RELIABILITY_TESTS)
 
 demo: setup
 	$(VENV)/bin/vm demo

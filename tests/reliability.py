@@ -16,7 +16,7 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pytest
@@ -78,9 +78,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+_CONFIG: pytest.Config | None = None
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    global _CONFIG
     config.addinivalue_line("markers", "reliability: part of the full reliability matrix only (make reliability)")
     config.stash[RESULTS] = []
+    _CONFIG = config
 
 
 def _default(item: pytest.Item) -> Scenario | None:
@@ -132,7 +137,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         # a failing test: the examples that passed kept the promise, the counterexample did not
         entry.ok = entry.runs if entry.outcome == "passed" else passing
     entry.nodeid = item.nodeid
-    item.config.stash[RESULTS].append(entry)
+    # Carried on the report, so the table also comes together when pytest-xdist runs tests in workers.
+    report.user_properties.append(("reliability", asdict(entry)))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when != "teardown" or _CONFIG is None:
+        return
+    for name, value in report.user_properties:
+        if name == "reliability":
+            _CONFIG.stash[RESULTS].append(Scenario(**value))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
