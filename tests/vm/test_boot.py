@@ -15,7 +15,7 @@ from vm.disk import DiskImage
 from vm.machine import Firmware, Machine
 
 BOOT = 600.0  # seconds to a ready system under TCG, generously
-KERNEL = 120.0  # seconds from power-on to the kernel's command line (firmware, GRUB's menu, loading)
+RECOVERY = 240.0  # seconds from power-on to the recovery's first lines under TCG, generously
 INSTRUCTION = "/update-instruction"
 
 
@@ -38,22 +38,25 @@ def test_system_boots_without_an_instruction(
 def test_grub_counts_recovery_tries_then_boots_rescue(
     machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage
 ) -> None:
+    # The disk it names never appears: the recovery waits its device_timeout (30 s) for it before
+    # rejecting, a wide window to cut the power in before it acts on the instruction. Only GRUB's
+    # choice and count are under test here.
     instruction = Instruction.create(
-        disk="PARTLABEL=storage", file=f"/{built_image.config.product}-2.0.0.bundle", sha256="0" * 64,
+        disk="PARTLABEL=nowhere", file=f"/{built_image.config.product}-2.0.0.bundle", sha256="0" * 64,
         version="2.0.0",
     )
     vm_disk.write_file("cfg", INSTRUCTION, instruction.to_block())
     for n in (1, 2, 3):
         m = machine()
-        # The kernel's first lines show what GRUB chose. Cut the power there, before the recovery acts
-        # on the (made-up) instruction: only GRUB's choice and count are under test.
-        m.expect(rf"Command line: .*recovery\.try={n}\b", KERNEL)
+        # The recovery's own line (written through the tty layer, unlike the kernel's printk lines,
+        # which a loaded host can make the emulated UART drop characters of).
+        m.expect(rf"recovery: starting \(try {n}\)", RECOVERY)
         m.power_cut()
         block = m.read_file("cfg", INSTRUCTION)
         assert block is not None, f"the instruction vanished after boot {n}"
         assert parse_instruction(block).try_count == n, f"boot {n}"
     m = machine()
-    m.expect(r"Command line: .*recovery\.mode=rescue", KERNEL)
+    m.expect(r"recovery: rescue shell", RECOVERY)
     m.power_cut()
     block = m.read_file("cfg", INSTRUCTION)
     assert block is not None and parse_instruction(block).try_count == 3

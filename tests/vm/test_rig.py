@@ -377,8 +377,9 @@ def test_vm_run_shows_the_console_until_the_guest_powers_off(rig: Rig) -> None:
 
 
 def test_vm_cli_errors() -> None:
-    demo = subprocess.run([sys.executable, "-m", "vm", "demo"], capture_output=True, text=True, check=False)
-    assert (demo.returncode, demo.stderr) == (2, "usage error: vm demo is not yet implemented\n")
+    demo = subprocess.run([sys.executable, "-m", "vm", "demo", "--firmware", "coreboot"], capture_output=True,
+                          text=True, check=False)
+    assert demo.returncode == 2 and "'coreboot'" in demo.stderr
     missing = subprocess.run([sys.executable, "-m", "vm", "run", "/nonexistent.img"], capture_output=True, text=True, check=False)
     assert (missing.returncode, missing.stderr) == (1, "vm: /nonexistent.img not found\n")
 
