@@ -2,7 +2,8 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-# Debian packages the project needs on the host. The Python libraries come from Debian too, so the
+# Debian packages the project needs on the host, with their recommends (mmdebstrap's gpg and
+# arch-test, for one), as the machines the project was developed on have them. The Python libraries come from Debian too, so the
 # host runs exactly the versions the recovery OS (Debian 12) runs.
 DEB_PACKAGES := python3 python3-venv python3-pip \
 	python3-pyudev python3-parted python3-psutil python3-libarchive-c python3-cryptography \
@@ -18,7 +19,7 @@ setup: .stamp-debs $(VENV)/.stamp
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "Installing Debian packages:" $$missing; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
 	@touch $@
 
