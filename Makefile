@@ -3,8 +3,8 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the project needs on the host, with their recommends (mmdebstrap's gpg and
-# arch-test, for one), as the machines the project was developed on have them. The Python libraries come from Debian too, so the
-# host runs exactly the versions the recovery OS (Debian 12) runs.
+# arch-test, for one), as the machines the project was developed on have them. The Python
+# libraries come from Debian too, so the host runs exactly the versions the recovery OS runs.
 DEB_PACKAGES := python3 python3-venv python3-pip \
 	python3-pyudev python3-parted python3-psutil python3-libarchive-c python3-cryptography \
 	qemu-system-x86 qemu-utils ovmf grub-pc-bin grub-efi-amd64-bin grub-common \
