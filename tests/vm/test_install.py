@@ -172,3 +172,50 @@ def test_recovery_waits_for_a_disk_that_appears_late(
     m.qmp("device_add", driver="virtio-blk-pci", drive="stick", id="stick0")
     m.expect(r"recovery: erasing", RECOVERY)  # found, mounted and verified: the rest is the happy path
     m.power_cut()
+
+
+def _hostile_bundle(key: Path, tmp: Path) -> bytes:
+    """A validly signed bundle whose payload plants a symlink to the recovery's cfg mount and then
+    writes a file through it: only the extractor's own refusal stands between it and cfg."""
+    from recovery.bundle import Compression, Manifest, PayloadInfo
+    from tests.unit.sample_tree import assemble_bundle, sign_manifest
+    from tests.unit.test_hostile import Entry, tar
+
+    payload = tar(
+        Entry(b"./", b"5", mode=0o755),
+        Entry(b"./etc/", b"5", mode=0o755),
+        Entry(b"./etc/os-release", data=b"VERSION_ID=2.0.0\n"),
+        Entry(b"./escape", b"2", link=b"/run/recovery/cfg"),
+        Entry(b"./escape/pwned", data=b"written outside the system partition\n"),
+    )
+    manifest = Manifest(
+        format=1, product=BUILT_PRODUCT, version="2.0.0", created="2026-01-01T00:00:00Z",
+        payload=PayloadInfo(name=Compression.none.payload_name, size=len(payload),
+                            sha256=sha256(payload), compression=Compression.none),
+        rootfs_files=5, rootfs_bytes=17 + 37,
+    ).to_json()
+    members = [("manifest.json", manifest), ("manifest.json.sig", sign_manifest(manifest, key)),
+               (Compression.none.payload_name, payload)]
+    return assemble_bundle(tmp / "hostile.bundle", members).read_bytes()
+
+
+BUILT_PRODUCT = "demo-appliance"
+
+
+def test_hostile_payload_writes_nothing_outside_the_system_partition(
+    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, tmp_path: Path
+) -> None:
+    assert built_image.config.product == BUILT_PRODUCT
+    stage(vm_disk, _hostile_bundle(built_image.keys / "signing.pem", tmp_path))
+    others = {name: partition_digest(vm_disk, name) for name in ("esp", "recovery", "storage")}
+    m = machine()
+    m.expect(r"recovery: erasing", RECOVERY)  # signature and hashes hold: it gets past verification
+    failure = m.expect(r"recovery: failed: (.*)", RECOVERY)
+    assert "escape/pwned" in failure.group(1) and "symlink" in failure.group(1).lower(), failure.group(0)
+    m.expect(r"recovery: rebooting", RECOVERY)
+    m.power_cut()
+    assert vm_disk.read_file("cfg", "/pwned") is None
+    result = read_result(vm_disk)
+    assert result["outcome"] == "failed" and "escape/pwned" in result["reason"], result
+    assert vm_disk.read_file("cfg", INSTRUCTION) is not None  # failed: GRUB tries again
+    assert {name: partition_digest(vm_disk, name) for name in others} == others
