@@ -77,20 +77,30 @@ class Narrator:
     """Prints `demo: [ 12.3 s] …` lines and keeps the stages for the report."""
 
     say: Say = print
-    started: float = field(default_factory=time.monotonic)
+    started: float | None = None  # clock() at the start unless given
+    clock: Callable[[], float] = time.monotonic
     stages: list[Stage] = field(default_factory=list)
+    last: float | None = None  # the unrounded time of the last stage, so that a stage never takes -0.0 s
+
+    def __post_init__(self) -> None:
+        if self.started is None:
+            self.started = self.clock()
+
+    def _now(self) -> float:
+        assert self.started is not None
+        return self.clock() - self.started
 
     def note(self, text: str) -> None:
         """A line with the time but no stage of its own."""
-        self.say(line(time.monotonic() - self.started, text))
+        self.say(line(self._now(), text))
 
     def legend(self) -> None:
         self.note("times are host seconds since the start; (+N s) is the time since the line before")
 
     def mark(self, name: str, text: str) -> Stage:
-        now = time.monotonic()
-        at = now - self.started
-        took = at - (self.stages[-1].at if self.stages else 0.0)
+        at = self._now()
+        took = max(0.0, at - (self.last if self.last is not None else 0.0))
+        self.last = at
         stage = Stage(name, round(at, 1), round(took, 1))
         self.stages.append(stage)
         self.say(line(at, f"{text} (+{took:.1f} s)"))

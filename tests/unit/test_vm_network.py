@@ -105,3 +105,15 @@ def test_narrator_lines_carry_the_host_time() -> None:
     assert stage.name == "boot" and stage.took == stage.at > 0
     assert said[0].startswith("demo: [") and said[0].endswith(f"demo-appliance 1.0.0 ready (+{stage.took:.1f} s)")
     assert line(12.34, "x") == "demo: [  12.3 s] x"
+
+
+def test_narrator_never_says_a_stage_took_negative_time() -> None:
+    # 25.76 rounds up to 25.8; a stage 30 ms later once printed "(+-0.0 s)", which the demo's own format forbids.
+    ticks = iter([0.0, 25.76, 25.79, 40.0])
+    said: list[str] = []
+    narrator = Narrator(said.append, clock=lambda: next(ticks))
+    first, second, third = (narrator.mark(name, name) for name in ("a", "b", "c"))
+    assert (first.at, second.at, third.at) == (25.8, 25.8, 40.0)
+    assert second.took == 0.0 and str(second.took) == "0.0"
+    assert said[1] == "demo: [  25.8 s] b (+0.0 s)"
+    assert said[2] == "demo: [  40.0 s] c (+14.2 s)"
