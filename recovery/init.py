@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from uuid import uuid4
 
-from .atomic import atomic_write, durable_unlink
+from .atomic import atomic_write, checkpoint_journal, durable_unlink
 from .config import DEFAULT_PATH, RecoveryConfig
 from .errors import Failed, Rejected, UpdateError
 from .output import Progress
@@ -331,6 +331,8 @@ class Installer:
                 durable_unlink(self.cfg / INCOMPLETE)
                 durable_unlink(self.cfg / INSTRUCTION)
                 reset_fallback_counter(self.cfg)
+            # GRUB reads cfg past its journal: without this a cut now would let it boot us once more.
+            checkpoint_journal(self.cfg)
 
 
 def reset_fallback_counter(cfg: Path) -> None:

@@ -12,7 +12,7 @@ from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .atomic import atomic_write
+from .atomic import atomic_write, checkpoint_journal
 from .errors import Failed, Rejected
 
 ENVBLK_SIZE = 1024
@@ -435,6 +435,8 @@ def _replace(path: Path, block: bytes) -> None:
         atomic_write(path, block)
     except OSError as e:
         raise Failed(f"cannot write instruction {path}: {e.strerror or e}") from e
+    # Durable now, but GRUB reads past the journal: write it out so the very next boot sees the new block.
+    checkpoint_journal(path.parent)
 
 
 def write_instruction(path: str | Path, instruction: Instruction) -> None:

@@ -1,0 +1,82 @@
+"""Crash-safe writes and the journal checkpoint GRUB depends on (the real ioctl runs in the VM tests)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from recovery import atomic, instruction
+from recovery.atomic import EXT4_IOC_CHECKPOINT, atomic_write, checkpoint_journal, durable_unlink
+from recovery.instruction import Instruction, clear_try, read_instruction, write_instruction
+
+
+def test_atomic_write_replaces_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_bytes(b"old")
+    atomic_write(target, b"new", mode=0o600)
+    assert target.read_bytes() == b"new" and (target.stat().st_mode & 0o777) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+    assert durable_unlink(target) and not durable_unlink(target)
+
+
+def test_checkpoint_asks_ext4_to_write_its_journal_out(tmp_path: Path) -> None:
+    calls: list[tuple[int, bytes]] = []
+
+    def ioctl(fd: int, request: int, arg: bytes) -> bytes:
+        assert os.path.samestat(os.fstat(fd), os.stat(tmp_path))
+        calls.append((request, arg))
+        return arg
+
+    assert checkpoint_journal(tmp_path, ioctl=ioctl) is True
+    assert calls == [(0x4004662B, struct.pack("I", 0))] and EXT4_IOC_CHECKPOINT == 0x4004662B
+
+
+@pytest.mark.parametrize("code", [errno.ENOTTY, errno.EINVAL, errno.ENODEV])
+def test_checkpoint_without_a_journal_is_quietly_nothing(
+    tmp_path: Path, code: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    def ioctl(fd: int, request: int, arg: bytes) -> bytes:
+        raise OSError(code, os.strerror(code))
+
+    with caplog.at_level(logging.WARNING):
+        assert checkpoint_journal(tmp_path, ioctl=ioctl) is False
+    assert caplog.records == []
+
+
+def test_checkpoint_that_fails_warns_and_does_not_raise(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def ioctl(fd: int, request: int, arg: bytes) -> bytes:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    with caplog.at_level(logging.WARNING):
+        assert checkpoint_journal(tmp_path, ioctl=ioctl) is False
+    assert len(caplog.records) == 1
+    assert "one boot late" in caplog.records[0].getMessage() and "Operation not permitted" in caplog.text
+
+
+def test_instruction_writes_are_checkpointed_for_grub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[Path, bool]] = []
+    path = tmp_path / "update-instruction"
+
+    def spy(directory: Path) -> bool:
+        seen.append((Path(directory), path.exists()))  # the block is in place before the checkpoint
+        return True
+
+    monkeypatch.setattr(instruction, "checkpoint_journal", spy)
+    write_instruction(path, Instruction.create(
+        disk="PARTLABEL=storage", file="/bundles/a.bundle", sha256="ab" * 32, version="2.0.0"))
+    assert seen == [(tmp_path, True)]
+    subprocess.run(["grub-editenv", str(path), "set", "recovery_try=1"], check=True)  # a try counted
+    clear_try(path)
+    assert read_instruction(path).try_count is None and seen == [(tmp_path, True)] * 2
+
+
+def test_checkpoint_is_the_real_ioctl_by_default() -> None:
+    import fcntl
+
+    assert checkpoint_journal.__kwdefaults__["ioctl"] is fcntl.ioctl and atomic.fcntl is fcntl
