@@ -126,6 +126,7 @@ def test_bad_bundle_is_rejected_and_the_system_untouched(
         ("missing-file", r"cannot open bundle .*No such file"),
         ("other-version", r"wrong version: the bundle carries 2\.0\.0, expected 3\.0\.0"),
         ("no-such-disk", r"disk PARTLABEL=nowhere not found"),
+        ("system-as-disk", r"the bundle's disk PARTLABEL=system is the system partition"),
     ],
 )
 def test_bad_instruction_is_rejected_and_the_system_untouched(
@@ -136,6 +137,8 @@ def test_bad_instruction_is_rejected_and_the_system_untouched(
         stage(vm_disk, None, name="absent.bundle", sha="0" * 64)
     elif case == "other-version":
         stage(vm_disk, good_bundle, version="3.0.0")
+    elif case == "system-as-disk":  # the instruction names the partition that would be erased
+        stage(vm_disk, None, disk_spec="PARTLABEL=system", sha="0" * 64)
     else:
         stage(vm_disk, None, disk_spec="PARTLABEL=nowhere", sha="0" * 64)
     _expect_rejected_and_system_back(machine, vm_disk, system_digest, reason, full_boot=False, built=built_image)
