@@ -119,10 +119,10 @@ How the VM figures are taken: the demo image is built by the run itself (the war
 every boot uses a fresh copy-on-write overlay of it under QEMU with TCG (no KVM), and the serial
 console's lines are stamped with the host's monotonic time as they arrive (bench/timeline.py).
 
-Reading the numbers: this machine is a 2-CPU virtual machine shared with other jobs (other
-engineers' QEMU guests ran during the measurements), and writing files costs it mostly kernel time
-whose price changes from run to run, so single runs scatter widely; the median is the goal's
-measure, min and max show the spread.
+Reading the numbers: this machine is a 2-CPU virtual machine that may be shared with other jobs
+(the load average at the start is given below; a run beside other QEMU guests halved the extraction
+ratio once), and writing files costs it mostly kernel time whose price changes from run to run, so
+single runs scatter widely; the median is the goal's measure, min and max show the spread.
 
 """
 
