@@ -3,19 +3,26 @@
 The payload is a pax tar. From a directory GNU tar writes it (`--xattrs --acls --sparse
 --numeric-owner`: the reference implementation for every kind of metadata); from a tar, libarchive
 re-encodes each entry as pax, keeping the xattrs, ACLs and sparse maps it read.
+
+ACL entries must carry numbers (recovery/acl.py says why). GNU tar writes names where this machine
+knows them: such a payload is re-encoded once with the numbers this machine gives those names, which
+are the numbers the tree had. A tar given as the source must carry numbers itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import grp
 import hashlib
 import logging
 import os
+import pwd
 import tarfile
 import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import libarchive
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -24,6 +31,7 @@ from libarchive import ffi
 from recovery.bundle import (
     CHUNK, FORMAT, MANIFEST_NAME, SIGNATURE_NAME, Compression, Manifest, PayloadInfo, Signature,
 )
+from recovery.acl import USER, AclEntry, acl_entries, has_acl, number_acl, without_id
 from recovery.atomic import atomic_write, fsync_dir
 from recovery.errors import Rejected
 from recovery.keys import keyid, load_private_key, private_key_pem, public_key_pem, raw_public_key
@@ -91,7 +99,17 @@ def create_bundle(
             else:
                 _payload_from_tar(source, payload, comp)
         with step("Counting and hashing the payload"):
-            files, nbytes = _count(payload)
+            files, nbytes, unnumbered = _count(payload)
+            if unnumbered is not None:
+                where, acl = unnumbered
+                if not source.is_dir():
+                    raise Rejected(f"{source}: the ACL of {where} names {acl.describe()} without a number; "
+                                   "the recovery cannot resolve names (pack the tar with numeric ACLs, or "
+                                   "give the directory)")
+                with step("Numbering the ACL entries GNU tar wrote by name"):
+                    _number_acls(payload, comp, source)
+                files, nbytes, unnumbered = _count(payload)
+                assert unnumbered is None
             if files == 0:
                 raise Rejected(f"source {source} holds no entries: a bundle of it would install nothing")
             size, digest = _sha256(payload)
@@ -141,16 +159,12 @@ def _payload_from_tar(source: Path, payload: Path, comp: Compression) -> None:
     try:
         with _quiet_libarchive(), libarchive.file_reader(os.fspath(source), "tar") as reader, \
                 libarchive.file_writer(os.fspath(payload), "pax", name, options=options) as writer:
-            write_p = writer._pointer
-            for entry in reader:
+            def check(entry: Any) -> None:
                 _check_entry_path(entry.pathname, source)
                 if entry.islnk:
                     _check_entry_path(entry.linkpath, source)
-                ffi.write_header(write_p, entry._entry_p)
-                # read_data fills sparse holes with zeros; the pax writer skips them again by the entry's map.
-                for block in entry.get_blocks(CHUNK):
-                    ffi.write_data(write_p, block, len(block))
-                ffi.write_finish_entry(write_p)
+
+            _copy_entries(reader, writer, check)
     except libarchive.ArchiveError as e:
         raise Rejected(f"cannot read {source} as a tar archive: {e.msg or e}") from None
 
@@ -164,18 +178,56 @@ def _check_entry_path(name: str | bytes | None, source: Path) -> None:
         raise Rejected(f"{source}: entry {text!r} points outside the tree (absolute or with ..)")
 
 
-def _count(payload: Path) -> tuple[int, int]:
-    """Entries of every type, and the bytes of regular files that carry data (hardlinks carry none)."""
+def _count(payload: Path) -> tuple[int, int, tuple[str, AclEntry] | None]:
+    """Entries of every type, the bytes of regular files that carry data (hardlinks carry none), and
+    the first ACL entry that names a user or group without a number (with its path), if any."""
     files = nbytes = 0
+    unnumbered: tuple[str, AclEntry] | None = None
     try:
         with _quiet_libarchive(), libarchive.file_reader(os.fspath(payload), "tar") as reader:
             for entry in reader:
                 files += 1
                 if entry.isreg and not entry.islnk:
                     nbytes += entry.size or 0
+                if unnumbered is None and has_acl(entry._entry_p) and (bad := without_id(acl_entries(entry._entry_p))):
+                    unnumbered = (entry.pathname, bad[0])
     except libarchive.ArchiveError as e:
         raise Rejected(f"the payload just written cannot be read back: {e.msg or e}") from None
-    return files, nbytes
+    return files, nbytes, unnumbered
+
+
+def _number_acls(payload: Path, comp: Compression, source: Path) -> None:
+    """Re-encode `payload` in place with numbered ACL entries, resolving names as GNU tar did: here."""
+
+    def resolve(acl: AclEntry) -> int:
+        name = (acl.name or b"").decode(errors="surrogateescape")
+        try:
+            return pwd.getpwnam(name).pw_uid if acl.tag == USER else grp.getgrnam(name).gr_gid
+        except KeyError:
+            raise Rejected(f"{source}: an ACL names {acl.describe()}, which this machine does not know") from None
+
+    name, options = _LIBARCHIVE_FILTER.get(comp, (None, ""))
+    numbered = payload.with_name(payload.name + ".numbered")
+    try:
+        with _quiet_libarchive(), libarchive.file_reader(os.fspath(payload), "tar") as reader, \
+                libarchive.file_writer(os.fspath(numbered), "pax", name, options=options) as writer:
+            _copy_entries(reader, writer, lambda entry: number_acl(entry._entry_p, resolve))
+        os.replace(numbered, payload)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            numbered.unlink()
+
+
+def _copy_entries(reader: Any, writer: Any, each: Any) -> None:
+    """Every entry of `reader` into `writer` as pax, after `each(entry)` (which may change it)."""
+    write_p = writer._pointer
+    for entry in reader:
+        each(entry)
+        ffi.write_header(write_p, entry._entry_p)
+        # read_data fills sparse holes with zeros; the pax writer skips them again by the entry's map.
+        for block in entry.get_blocks(CHUNK):
+            ffi.write_data(write_p, block, len(block))
+        ffi.write_finish_entry(write_p)
 
 
 def _sha256(path: Path) -> tuple[int, str]:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import libarchive.ffi
 
+from .acl import acl_entries, has_acl, without_id
 from .errors import Failed, Rejected
 from .mounts import mounted_at
 from .output import Progress
@@ -392,6 +393,9 @@ def _extract_stream(stream: _PayloadStream) -> ExtractStats:
             filetype = filetype_of(entry) & AE_IFMT
             hardlink = hardlink_of(entry)
             _check_entry(name, hardlink, filetype)
+            if has_acl(entry) and (unnumbered := without_id(acl_entries(entry))):
+                raise Failed(f"Failed to extract {_show(name)}: its ACL names {unnumbered[0].describe()} without "
+                             "a number, which the recovery cannot resolve (make the bundle with mkimage)")
             files += 1
             if filetype == AE_IFREG and hardlink is None:
                 nbytes += size_of(entry)

@@ -11,7 +11,6 @@ table at the end of the session, whatever the outcome: it shows failures, it doe
 from __future__ import annotations
 
 import datetime
-import os
 import re
 import subprocess
 import time

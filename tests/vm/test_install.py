@@ -4,6 +4,7 @@ every way a staged update can be wrong, each of which must leave the system byte
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -12,11 +13,11 @@ from typing import Any
 import pytest
 
 from mkimage.bundle import generate_keys
-from recovery.instruction import parse_instruction
 from vm.disk import DiskImage
 from vm.machine import Firmware, Machine
 
 from tests.vm.staging import INSTRUCTION, bad_bundles, partition_digest, read_result, sha256, stage
+from tests.vm.treecheck import acl_entries, check_installed, payload_tree
 
 KERNEL = 120.0  # power-on to the kernel's command line
 RECOVERY = 300.0  # recovery start to its verdict under TCG, generously
@@ -222,3 +223,59 @@ def test_hostile_payload_writes_nothing_outside_the_system_partition(
     assert result["outcome"] == "failed" and "escape/pwned" in result["reason"], result
     assert vm_disk.read_file("cfg", INSTRUCTION) is not None  # failed: GRUB tries again
     assert {name: partition_digest(vm_disk, name) for name in others} == others
+
+
+# A file capability (cap_net_raw, permitted and effective, as `setcap cap_net_raw+ep` writes it), a
+# user xattr with bytes that are no text, and a named-user ACL entry (the VFS encoding, as setfacl sets
+# it) for uid 1: Debian names it (daemon), so GNU tar packs it by name, which the recovery cannot resolve
+# unless mkimage numbers it (this test found that).
+CAPABILITY = bytes.fromhex("0100000200200000000000000000000000000000")
+ACL_USER_1_READ = bytes.fromhex("02000000" "01000600ffffffff" "0200040001000000" "04000400ffffffff"
+                                "10000400ffffffff" "20000400ffffffff")
+RICH = "usr/local/share/fidelity"
+
+
+@pytest.fixture(scope="module")
+def rich_bundle(built_image: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Release 2.0.0 plus files that carry a capability, xattrs and an ACL, signed with the image's key."""
+    from mkimage.bundle import create_bundle
+    from recovery.bundle import verify_bundle
+    from recovery.install import apply_bundle
+    from recovery.keys import Keyring
+
+    work = tmp_path_factory.mktemp("rich")
+    tree = work / "tree"
+    tree.mkdir()
+    apply_bundle(verify_bundle(built_image.bundles["2.0.0"], Keyring.load(built_image.keys)), tree)
+    rich = tree / RICH
+    rich.mkdir(parents=True)
+    (rich / "pinger").write_bytes(b"#!/bin/sh\n")
+    (rich / "pinger").chmod(0o755)
+    os.setxattr(rich / "pinger", "security.capability", CAPABILITY)
+    os.setxattr(rich / "pinger", "user.blob", b"\x00\xff\x10")
+    os.setxattr(rich, "user.note", b"directory xattr")
+    (rich / "shared").write_text("readable by uid 1\n")
+    (rich / "shared").chmod(0o640)
+    os.setxattr(rich / "shared", "system.posix_acl_access", ACL_USER_1_READ)
+    bundle = work / "demo-appliance-2.0.0-rich.bundle"
+    create_bundle(tree, bundle, key=built_image.keys / "signing.pem", product=BUILT_PRODUCT, version="2.0.0")
+    return bundle
+
+
+def test_install_keeps_capabilities_xattrs_and_acls(
+    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, rich_bundle: Path
+) -> None:
+    expected = payload_tree(rich_bundle, built_image.keys)
+    # The payload really carries them (else the tree check below would compare nothing).
+    assert dict(expected.nodes[f"{RICH}/pinger"].xattrs) == {"security.capability": CAPABILITY.hex(),
+                                                              "user.blob": "00ff10"}
+    assert dict(expected.nodes[RICH].xattrs) == {"user.note": b"directory xattr".hex()}
+    stage(vm_disk, rich_bundle.read_bytes())
+    m = machine(Firmware.bios)
+    m.expect(r"recovery: installed 2\.0\.0", RECOVERY * 2)
+    m.expect(r"Loading the system", KERNEL)
+    m.power_cut()
+    check_installed(vm_disk, rich_bundle, built_image.keys)  # xattrs of every path included
+    ACL_USER, READ = 0x02, 0x4
+    assert (ACL_USER, READ, 1) in acl_entries(vm_disk, f"{RICH}/shared")
+    assert acl_entries(vm_disk, f"{RICH}/pinger") == []

@@ -2,13 +2,17 @@
 
 The partition is exported from the (stopped) disk and read without mounting: debugfs lists every
 inode's type, mode (setuid and sticky bits included), owner and size (`ls -p`, one run per directory
-level) and device numbers (`stat`); `rdump` copies contents and symlinks out for hashing (it loses
-setuid bits and device nodes, which is why metadata never comes from its copy). The payload is read
-with libarchive. Every difference is reported, not just the first.
+level), device numbers (`stat`) and extended attributes (`ea_list`, `ea_get`); `rdump` copies contents
+and symlinks out for hashing (it loses setuid bits and device nodes, which is why metadata never comes
+from its copy). The payload is read with libarchive. Every difference is reported, not just the first.
+
+Extended attributes are compared except `system.*`: ext4 keeps POSIX ACLs there in its own on-disk
+encoding, which the tar does not carry as xattrs (`acl_entries` reads them for a test to check).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import re
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import libarchive
+import libarchive.ffi
 
 from recovery.bundle import verify_bundle
 from recovery.keys import Keyring
@@ -38,9 +43,11 @@ class Node:
     uid: int
     gid: int
     content: str = ""  # sha256 of a file, target of a symlink, "major:minor" of a device
+    xattrs: tuple[tuple[str, str], ...] = ()  # (name, value in hex), sorted; no system.* names
 
     def describe(self) -> str:
-        return f"{self.kind} {self.mode:04o} {self.uid}:{self.gid} {self.content[:16]}"
+        xattrs = "".join(f" {name}={value[:16]}" for name, value in self.xattrs)
+        return f"{self.kind} {self.mode:04o} {self.uid}:{self.gid} {self.content[:16]}{xattrs}"
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,12 @@ def _norm(name: str) -> str:
     return name.strip("/")
 
 
+def _compared(xattrs: Iterable[tuple[str, bytes]]) -> tuple[tuple[str, str], ...]:
+    # A set: libarchive's pax writer records each xattr twice (LIBARCHIVE.xattr and SCHILY.xattr) and
+    # its reader returns both; one name with two values still shows as two pairs.
+    return tuple(sorted({(name, value.hex()) for name, value in xattrs if not name.startswith("system.")}))
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -74,6 +87,25 @@ def _sha256_file(path: Path) -> str:
 
 
 # --- the bundle's payload ---------------------------------------------------------------------------
+
+_lib = libarchive.ffi.libarchive
+_lib.archive_entry_xattr_reset.argtypes = [ctypes.c_void_p]
+_lib.archive_entry_xattr_reset.restype = ctypes.c_int
+_lib.archive_entry_xattr_next.argtypes = [
+    ctypes.c_void_p, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)]
+_lib.archive_entry_xattr_next.restype = ctypes.c_int
+
+
+def _entry_xattrs(entry: libarchive.entry.ArchiveEntry) -> list[tuple[str, bytes]]:
+    """The entry's extended attributes (libarchive-c has no API for them)."""
+    pointer = entry._entry_p
+    found = []
+    if _lib.archive_entry_xattr_reset(pointer):
+        name, value, size = ctypes.c_char_p(), ctypes.c_void_p(), ctypes.c_size_t()
+        while _lib.archive_entry_xattr_next(pointer, ctypes.byref(name), ctypes.byref(value), ctypes.byref(size)) == 0:
+            found.append((os.fsdecode(name.value or b""), ctypes.string_at(value, size.value) if value else b""))
+    return found
+
 
 
 def payload_tree(bundle: Path, keys: Path) -> Tree:
@@ -106,7 +138,8 @@ def payload_tree(bundle: Path, keys: Path) -> Tree:
                 content = f"{entry.rdevmajor}:{entry.rdevminor}"
             else:
                 content = ""
-            nodes[path] = Node(_kind(mode), stat.S_IMODE(mode), entry.uid, entry.gid, content)
+            nodes[path] = Node(_kind(mode), stat.S_IMODE(mode), entry.uid, entry.gid, content,
+                               _compared(_entry_xattrs(entry)))
     return Tree(nodes, [frozenset(group) for group in hardlinks.values()])
 
 
@@ -161,6 +194,7 @@ def filesystem_tree(image: Path, scratch: Path) -> Tree:
         for path, (_, body) in zip(devices, _debugfs(image, [f"stat {_q(p)}" for p in devices])):
             m = re.search(r"Device major/minor number: (\d+):(\d+)", body)
             numbers[path] = f"{int(m.group(1))}:{int(m.group(2))}" if m else "?"
+    xattrs = _filesystem_xattrs(image, list(raw), scratch)
     dump = scratch / "rdump"
     dump.mkdir()
     # rdump of each top-level entry: `rdump /` would need a name for the root
@@ -179,8 +213,47 @@ def filesystem_tree(image: Path, scratch: Path) -> Tree:
             content = numbers[path]
         else:
             content = ""
-        nodes[path] = Node(kind, stat.S_IMODE(mode), uid, gid, content)
+        nodes[path] = Node(kind, stat.S_IMODE(mode), uid, gid, content, _compared(xattrs.get(path, [])))
     return Tree(nodes, [frozenset(g) for g in by_inode.values() if len(g) > 1])
+
+
+def _filesystem_xattrs(image: Path, paths: list[str], scratch: Path) -> dict[str, list[tuple[str, bytes]]]:
+    """Every path's extended attributes: names from `ea_list`, exact values from `ea_get -f`."""
+    names: list[tuple[str, str]] = []
+    for path, (_, body) in zip(paths, _debugfs(image, [f"ea_list {_q(p)}" for p in paths])):
+        names += [(path, m.group(1)) for m in re.finditer(r"^  (\S+) \(\d+\)", body, re.MULTILINE)]
+    found: dict[str, list[tuple[str, bytes]]] = {}
+    if not names:
+        return found
+    values = scratch / "xattrs"
+    values.mkdir()
+    _debugfs(image, [f"ea_get -f {values / str(i)} {_q(path)} {name}" for i, (path, name) in enumerate(names)])
+    for i, (path, name) in enumerate(names):
+        found.setdefault(path, []).append((name, (values / str(i)).read_bytes()))
+    return found
+
+
+def acl_entries(disk: DiskImage, path: str, partition: str = "system") -> list[tuple[int, int, int | None]]:
+    """The access ACL of `path` as ext4 stores it: (tag, permissions, id or None) per entry."""
+    part = disk.partition(partition)
+    with tempfile.TemporaryDirectory(prefix=".treecheck-", dir=disk.path.parent) as tmp:
+        image = Path(tmp) / "partition"
+        disk.export_range(part.start, part.size, image)
+        raw = _filesystem_xattrs(image, [_norm(path)], Path(tmp)).get(_norm(path), [])
+    value = dict(raw).get("system.posix_acl_access")
+    if value is None:
+        return []
+    # ext4_acl_header (version 1), then entries of 8 bytes (tag, perm, id) or 4 (no id: owner, group, mask, other)
+    entries, at = [], 4
+    while at < len(value):
+        tag, perm = int.from_bytes(value[at:at + 2], "little"), int.from_bytes(value[at + 2:at + 4], "little")
+        if tag in (0x02, 0x08):  # ACL_USER, ACL_GROUP carry an id
+            entries.append((tag, perm, int.from_bytes(value[at + 4:at + 8], "little")))
+            at += 8
+        else:
+            entries.append((tag, perm, None))
+            at += 4
+    return entries
 
 
 def installed_tree(disk: DiskImage, partition: str = "system") -> Tree:
