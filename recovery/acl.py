@@ -10,33 +10,21 @@ that packed the tree) and the extractor names the problem if one slips through.
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable
 from ctypes import POINTER, byref, c_char_p, c_int, c_void_p
 from dataclasses import dataclass
 
-import libarchive.ffi
+from .libarchive_api import ARCHIVE_OK, fn
 
 ACCESS, DEFAULT = 0x100, 0x200  # ARCHIVE_ENTRY_ACL_TYPE_*
 POSIX1E = ACCESS | DEFAULT
 USER, USER_OBJ, GROUP, GROUP_OBJ, MASK, OTHER = 10001, 10002, 10003, 10004, 10005, 10006
-_ARCHIVE_OK = 0
 
-_lib = libarchive.ffi.libarchive
-
-
-def _fn(name: str, restype: type | None, *argtypes: type) -> ctypes._CFuncPtr:
-    f = _lib[f"archive_entry_{name}"]
-    f.restype = restype
-    f.argtypes = argtypes
-    return f
-
-
-_reset = _fn("acl_reset", c_int, c_void_p, c_int)
-_next = _fn("acl_next", c_int, c_void_p, c_int, POINTER(c_int), POINTER(c_int), POINTER(c_int), POINTER(c_int),
-            POINTER(c_char_p))
-_clear = _fn("acl_clear", None, c_void_p)
-_add = _fn("acl_add_entry", c_int, c_void_p, c_int, c_int, c_int, c_int, c_char_p)
+_reset = fn("entry_acl_reset", c_int, c_void_p, c_int)
+_next = fn("entry_acl_next", c_int, c_void_p, c_int, POINTER(c_int), POINTER(c_int), POINTER(c_int), POINTER(c_int),
+           POINTER(c_char_p))
+_clear = fn("entry_acl_clear", None, c_void_p)
+_add = fn("entry_acl_add_entry", c_int, c_void_p, c_int, c_int, c_int, c_int, c_char_p)
 
 
 @dataclass(frozen=True)
@@ -66,7 +54,7 @@ def acl_entries(entry: int | c_void_p) -> list[AclEntry]:
     if _reset(entry, POSIX1E) <= 0:
         return found
     kind, permset, tag, qual, name = c_int(), c_int(), c_int(), c_int(), c_char_p()
-    while _next(entry, POSIX1E, byref(kind), byref(permset), byref(tag), byref(qual), byref(name)) == _ARCHIVE_OK:
+    while _next(entry, POSIX1E, byref(kind), byref(permset), byref(tag), byref(qual), byref(name)) == ARCHIVE_OK:
         found.append(AclEntry(kind.value, permset.value, tag.value, qual.value, name.value))
     return found
 
@@ -85,6 +73,6 @@ def number_acl(entry: int | c_void_p, resolve: Callable[[AclEntry], int]) -> boo
              for e in entries]
     _clear(entry)
     for e in fixed:
-        if _add(entry, e.type, e.permset, e.tag, e.id, e.name) != _ARCHIVE_OK:
+        if _add(entry, e.type, e.permset, e.tag, e.id, e.name) != ARCHIVE_OK:
             raise ValueError(f"libarchive refused the ACL entry {e}")
     return True

@@ -20,10 +20,9 @@ from enum import IntFlag
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import libarchive.ffi
-
 from .acl import acl_entries, has_acl, without_id
 from .errors import Failed, Rejected
+from .libarchive_api import ARCHIVE_EOF, ARCHIVE_FATAL, ARCHIVE_OK, ARCHIVE_WARN, fn
 from .mounts import mounted_at
 from .output import Progress
 from .run import run
@@ -36,55 +35,43 @@ BLOCK = 1024 * 1024
 
 
 # --- libarchive ---------------------------------------------------------------------------------
-# libarchive-c 2.9 wraps only part of the API, and its wrappers turn ARCHIVE_WARN into a log line
-# (a lost setuid bit or capability must fail the install instead), so the calls used here are
-# declared afresh on the library it loaded: `lib[name]` makes new function objects, leaving its own.
 
-_lib = libarchive.ffi.libarchive
 READ_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_ssize_t, c_void_p, c_void_p, POINTER(c_void_p))
-ARCHIVE_EOF, ARCHIVE_OK, ARCHIVE_WARN, ARCHIVE_FATAL = 1, 0, -20, -30
 AE_IFMT, AE_IFREG, AE_IFDIR = 0o170000, 0o100000, 0o040000
-
-
-def _fn(name: str, restype: type | None, *argtypes: type) -> ctypes._CFuncPtr:
-    f = _lib[f"archive_{name}"]
-    f.restype = restype
-    f.argtypes = argtypes
-    return f
 
 
 class _A:
     """The libarchive calls extraction makes, with plain int results."""
 
-    read_new = _fn("read_new", c_void_p)
-    support_tar = _fn("read_support_format_tar", c_int, c_void_p)
-    support_raw = _fn("read_support_format_raw", c_int, c_void_p)
-    data_into_fd = _fn("read_data_into_fd", c_int, c_void_p, c_int)
+    read_new = fn("read_new", c_void_p)
+    support_tar = fn("read_support_format_tar", c_int, c_void_p)
+    support_raw = fn("read_support_format_raw", c_int, c_void_p)
+    data_into_fd = fn("read_data_into_fd", c_int, c_void_p, c_int)
     filters = {
-        "zstd": _fn("read_support_filter_zstd", c_int, c_void_p),
-        "xz": _fn("read_support_filter_xz", c_int, c_void_p),
-        "gzip": _fn("read_support_filter_gzip", c_int, c_void_p),
+        "zstd": fn("read_support_filter_zstd", c_int, c_void_p),
+        "xz": fn("read_support_filter_xz", c_int, c_void_p),
+        "gzip": fn("read_support_filter_gzip", c_int, c_void_p),
     }
-    read_open_fd = _fn("read_open_fd", c_int, c_void_p, c_int, c_size_t)
-    read_open = _fn("read_open", c_int, c_void_p, c_void_p, c_void_p, READ_CALLBACK, c_void_p)
-    next_header = _fn("read_next_header", c_int, c_void_p, POINTER(c_void_p))
-    read_free = _fn("read_free", c_int, c_void_p)
-    disk_new = _fn("write_disk_new", c_void_p)
-    disk_options = _fn("write_disk_set_options", c_int, c_void_p, c_int)
-    extract2 = _fn("read_extract2", c_int, c_void_p, c_void_p, c_void_p)
-    write_close = _fn("write_close", c_int, c_void_p)
-    write_free = _fn("write_free", c_int, c_void_p)
-    error_string = _fn("error_string", c_char_p, c_void_p)
-    errno = _fn("errno", c_int, c_void_p)
-    pathname = _fn("entry_pathname", c_char_p, c_void_p)
-    hardlink = _fn("entry_hardlink", c_char_p, c_void_p)
-    filetype = _fn("entry_filetype", c_int, c_void_p)
-    size = _fn("entry_size", c_longlong, c_void_p)
-    mtime = _fn("entry_mtime", c_longlong, c_void_p)
-    mtime_nsec = _fn("entry_mtime_nsec", ctypes.c_long, c_void_p)
-    atime = _fn("entry_atime", c_longlong, c_void_p)
-    atime_nsec = _fn("entry_atime_nsec", ctypes.c_long, c_void_p)
-    atime_is_set = _fn("entry_atime_is_set", c_int, c_void_p)
+    read_open_fd = fn("read_open_fd", c_int, c_void_p, c_int, c_size_t)
+    read_open = fn("read_open", c_int, c_void_p, c_void_p, c_void_p, READ_CALLBACK, c_void_p)
+    next_header = fn("read_next_header", c_int, c_void_p, POINTER(c_void_p))
+    read_free = fn("read_free", c_int, c_void_p)
+    disk_new = fn("write_disk_new", c_void_p)
+    disk_options = fn("write_disk_set_options", c_int, c_void_p, c_int)
+    extract2 = fn("read_extract2", c_int, c_void_p, c_void_p, c_void_p)
+    write_close = fn("write_close", c_int, c_void_p)
+    write_free = fn("write_free", c_int, c_void_p)
+    error_string = fn("error_string", c_char_p, c_void_p)
+    errno = fn("errno", c_int, c_void_p)
+    pathname = fn("entry_pathname", c_char_p, c_void_p)
+    hardlink = fn("entry_hardlink", c_char_p, c_void_p)
+    filetype = fn("entry_filetype", c_int, c_void_p)
+    size = fn("entry_size", c_longlong, c_void_p)
+    mtime = fn("entry_mtime", c_longlong, c_void_p)
+    mtime_nsec = fn("entry_mtime_nsec", ctypes.c_long, c_void_p)
+    atime = fn("entry_atime", c_longlong, c_void_p)
+    atime_nsec = fn("entry_atime_nsec", ctypes.c_long, c_void_p)
+    atime_is_set = fn("entry_atime_is_set", c_int, c_void_p)
 
 
 class Extract(IntFlag):
