@@ -289,7 +289,8 @@ class Installer:
         atomic_write(self.cfg / INCOMPLETE, json.dumps({**marker, "try": self.boot.try_count}).encode() + b"\n")
         try:
             with _stage(self.console, "erasing", self.seconds, "erase"):
-                erase(system, label=marker.get("label") or None, uuid=marker["uuid"])
+                erase(system, label=marker.get("label") or None, uuid=marker["uuid"],
+                      files=bundle.manifest.rootfs_files)
             with _stage(self.console, "extracting", self.seconds, "extract"):
                 mount(system, SYSTEM_MOUNT, options="rw,nosuid,nodev")
                 # Opened before the first write: syncfs on it reports every write error since (sync(2)

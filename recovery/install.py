@@ -8,7 +8,9 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import logging
 import os
+import re
 import stat
 import threading
 import uuid as uuidlib
@@ -29,6 +31,8 @@ from .run import run
 
 if TYPE_CHECKING:
     from .bundle import VerifiedBundle
+
+log = logging.getLogger(__name__)
 
 # Big reads keep the per-block Python work negligible next to decompression and writing.
 BLOCK = 1024 * 1024
@@ -488,9 +492,18 @@ def filesystem_identity(device: Path) -> tuple[str | None, str | None]:
     return values.get("LABEL"), values.get("UUID")
 
 
-def erase(device: Path, *, label: str | None = None, uuid: str | None = None) -> None:
+def inodes_for(files: int) -> int:
+    """The inodes a tree of `files` entries needs, with room for the files the running system adds."""
+    return files + files // 8 + 1024
+
+
+def erase(device: Path, *, label: str | None = None, uuid: str | None = None, files: int = 0) -> None:
     """Make a new, empty ext4 file system on `device` (a block device or an image file) that keeps
     the old one's label and UUID, so fstab and the boot loader still find it.
+
+    `files`: the entries the tree to come has. mke2fs gives one inode per 16 KiB by default, which a
+    tree of many small files outgrows while its bytes fit: the extraction would run out of inodes
+    after the erase. When the default is too few, the file system gets `inodes_for(files)`.
 
     Rejected (nothing written) if the device is missing, in use, or its label/UUID are unknown.
     """
@@ -513,7 +526,19 @@ def erase(device: Path, *, label: str | None = None, uuid: str | None = None) ->
         uuid = str(uuidlib.UUID(uuid))
     except ValueError:
         raise Rejected(f"cannot erase {device}: {uuid!r} is not a UUID that ext4 can carry") from None
-    argv: list[str | os.PathLike[str]] = ["mkfs.ext4", "-F", "-q", "-U", uuid]
+    argv: list[str | os.PathLike[str]] = ["mkfs.ext4", "-F", "-U", uuid]
     if label:
         argv += ["-L", label]
-    run([*argv, device])
+    if files and (default := _default_inodes(argv, device)) < inodes_for(files):
+        log.info("%s: %d inodes by default, %d entries to come: making %d", device, default, files, inodes_for(files))
+        argv += ["-N", str(inodes_for(files))]
+    run([*argv, "-q", device])
+
+
+def _default_inodes(argv: list[str | os.PathLike[str]], device: Path) -> int:
+    """How many inodes mke2fs would make with `argv` (its dry run, -n, writes nothing)."""
+    out = run([*argv, "-n", device], error=Rejected).stdout.decode(errors="replace")
+    found = re.search(r"blocks and (\d+) inodes", out)
+    if found is None:
+        raise Rejected(f"cannot erase {device}: mke2fs -n did not say how many inodes it would make")
+    return int(found.group(1))

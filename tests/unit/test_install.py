@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import pytest
 from mkimage.bundle import create_bundle
 from recovery.bundle import Compression, Manifest, PayloadInfo, VerifiedBundle, verify_bundle
 from recovery.errors import Failed, Rejected
-from recovery.install import ExtractStats, apply_bundle, erase, extract_payload
+from recovery.install import ExtractStats, apply_bundle, erase, extract_payload, inodes_for
 from recovery.keys import Keyring
 from recovery.run import run
 
@@ -295,6 +296,31 @@ def test_erase_with_explicit_identity(tmp_path: Path) -> None:
     erase(image, label="system", uuid=new_uuid)
     assert fs_identity(image) == ("system", new_uuid)
     run(["e2fsck", "-fn", image])
+
+
+def inode_count(image: Path) -> int:
+    out = run(["dumpe2fs", "-h", image]).stdout.decode()
+    return int(re.search(r"^Inode count:\s+(\d+)", out, re.MULTILINE).group(1))
+
+
+def test_erase_makes_room_for_a_tree_of_many_small_files(tmp_path: Path) -> None:
+    # 32 MiB: mke2fs's default gives 8192 inodes, fewer than 20,000 entries need (found: the bytes of such
+    # a tree fit the partition, so it passed verification and ran out of inodes after the erase).
+    image = make_ext4(tmp_path / "system.img", label="system", uuid=str(uuidlib.uuid4()))
+    default = inode_count(image)
+    assert default < 20_000
+    erase(image, files=20_000)
+    # what was asked for, give or take mke2fs's rounding to whole inode-table blocks per group
+    assert inode_count(image) >= inodes_for(20_000) - 64 > 20_000 + 20_000 // 8
+    assert fs_identity(image)[0] == "system"
+    run(["e2fsck", "-fn", image])
+
+
+def test_erase_keeps_the_default_inodes_when_they_suffice(tmp_path: Path) -> None:
+    image = make_ext4(tmp_path / "system.img", label="system", uuid=str(uuidlib.uuid4()))
+    default = inode_count(image)
+    erase(image, files=100)
+    assert inode_count(image) == default
 
 
 def test_erase_refuses_what_it_cannot_keep(tmp_path: Path) -> None:

@@ -238,15 +238,8 @@ RICH = "usr/local/share/fidelity"
 @pytest.fixture(scope="module")
 def rich_bundle(built_image: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Release 2.0.0 plus files that carry a capability, xattrs and an ACL, signed with the image's key."""
-    from mkimage.bundle import create_bundle
-    from recovery.bundle import verify_bundle
-    from recovery.install import apply_bundle
-    from recovery.keys import Keyring
-
     work = tmp_path_factory.mktemp("rich")
-    tree = work / "tree"
-    tree.mkdir()
-    apply_bundle(verify_bundle(built_image.bundles["2.0.0"], Keyring.load(built_image.keys)), tree)
+    tree = release_tree(built_image, work / "tree")
     rich = tree / RICH
     rich.mkdir(parents=True)
     (rich / "pinger").write_bytes(b"#!/bin/sh\n")
@@ -257,8 +250,24 @@ def rich_bundle(built_image: Any, tmp_path_factory: pytest.TempPathFactory) -> P
     (rich / "shared").write_text("readable by uid 1\n")
     (rich / "shared").chmod(0o640)
     os.setxattr(rich / "shared", "system.posix_acl_access", ACL_USER_1_READ)
-    bundle = work / "demo-appliance-2.0.0-rich.bundle"
-    create_bundle(tree, bundle, key=built_image.keys / "signing.pem", product=BUILT_PRODUCT, version="2.0.0")
+    return signed_bundle(built_image, tree, work / "demo-appliance-2.0.0-rich.bundle")
+
+
+def release_tree(built: Any, dest: Path) -> Path:
+    """Release 2.0.0's tree, extracted on the host from the built bundle."""
+    from recovery.bundle import verify_bundle
+    from recovery.install import apply_bundle
+    from recovery.keys import Keyring
+
+    dest.mkdir(parents=True)
+    apply_bundle(verify_bundle(built.bundles["2.0.0"], Keyring.load(built.keys)), dest)
+    return dest
+
+
+def signed_bundle(built: Any, tree: Path, bundle: Path) -> Path:
+    from mkimage.bundle import create_bundle
+
+    create_bundle(tree, bundle, key=built.keys / "signing.pem", product=BUILT_PRODUCT, version="2.0.0")
     return bundle
 
 
@@ -279,3 +288,39 @@ def test_install_keeps_capabilities_xattrs_and_acls(
     ACL_USER, READ = 0x02, 0x4
     assert (ACL_USER, READ, 1) in acl_entries(vm_disk, f"{RICH}/shared")
     assert acl_entries(vm_disk, f"{RICH}/pinger") == []
+
+
+MANY = 60_000  # empty files: with release 2.0.0's ~7,600 entries, more than mke2fs's 65,536 inodes of 1 GiB
+
+
+@pytest.fixture(scope="module")
+def many_files_bundle(built_image: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Release 2.0.0 plus 60,000 empty files: few bytes, many inodes."""
+    work = tmp_path_factory.mktemp("many")
+    tree = release_tree(built_image, work / "tree")
+    for d in range(MANY // 1000):
+        directory = tree / "var/lib/many" / f"{d:02d}"
+        directory.mkdir(parents=True)
+        for i in range(1000):
+            (directory / f"{i:03d}").touch()
+    return signed_bundle(built_image, tree, work / "demo-appliance-2.0.0-many.bundle")
+
+
+def test_tree_of_many_small_files_gets_the_inodes_it_needs(
+    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, many_files_bundle: Path
+) -> None:
+    from recovery.bundle import verify_bundle
+    from recovery.keys import Keyring
+
+    manifest = verify_bundle(many_files_bundle, Keyring.load(built_image.keys)).manifest
+    system = vm_disk.partition("system")
+    # The case: the bytes fit the partition (verification passes), the entries outnumber its default inodes.
+    assert manifest.required_bytes() <= system.size and manifest.rootfs_files > system.size // 16384
+    stage(vm_disk, many_files_bundle.read_bytes())
+    m = machine(Firmware.bios)
+    m.expect(r"recovery: installed 2\.0\.0", RECOVERY * 2)
+    m.expect(r"Loading the system", KERNEL)
+    m.power_cut()
+    result = read_result(vm_disk)
+    assert (result["outcome"], result["files"]) == ("installed", manifest.rootfs_files), result
+    assert vm_disk.read_file("system", "/var/lib/many/59/999") == b""
