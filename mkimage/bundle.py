@@ -40,6 +40,7 @@ from recovery.run import run
 
 log = logging.getLogger(__name__)
 
+NAME_MAX = 255
 ZSTD_LEVEL = 9  # between zstd's fast default (3) and its slow maximum (19); multi-threaded
 
 _GNU_TAR_FILTER = {Compression.zstd: "--zstd", Compression.xz: "--xz", Compression.gzip: "--gzip"}
@@ -176,6 +177,10 @@ def _check_entry_path(name: str | bytes | None, source: Path) -> None:
     text = os.fsdecode(name) if isinstance(name, bytes) else name
     if text.startswith("/") or ".." in text.split("/"):
         raise Rejected(f"{source}: entry {text!r} points outside the tree (absolute or with ..)")
+    # ext4 (every Linux file system) takes at most 255 bytes per name: the extraction would fail
+    # there, after the erase.
+    if any(len(os.fsencode(part)) > NAME_MAX for part in text.split("/")):
+        raise Rejected(f"{source}: entry {text[:80]!r}… has a name longer than {NAME_MAX} bytes")
 
 
 def _count(payload: Path) -> tuple[int, int, tuple[str, AclEntry] | None]:

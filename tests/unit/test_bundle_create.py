@@ -209,6 +209,21 @@ def test_tar_input_with_names_outside_the_tree_is_refused(keys: Path, tmp_path: 
         assert not (tmp_path / "b.bundle").exists()
 
 
+def test_tar_input_with_a_name_no_file_system_takes_is_refused(keys: Path, tmp_path: Path) -> None:
+    # 256 bytes in one name: ext4 would refuse it during the extraction, after the erase.
+    source = tmp_path / "long.tar"
+    with tarfile.open(source, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(tarfile.TarInfo("etc/ok"), io.BytesIO(b""))
+        tar.addfile(tarfile.TarInfo("etc/" + "é" * 128), io.BytesIO(b""))  # 128 characters, 256 bytes
+    with pytest.raises(Rejected, match="has a name longer than 255 bytes"):
+        create_bundle(source, tmp_path / "b.bundle", key=keys / "signing.pem", product="p", version="1")
+    assert not (tmp_path / "b.bundle").exists()
+    # 255 bytes is fine
+    with tarfile.open(source, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(tarfile.TarInfo("etc/" + "é" * 127 + "x"), io.BytesIO(b""))
+    create_bundle(source, tmp_path / "b.bundle", key=keys / "signing.pem", product="p", version="1")
+
+
 def test_manifest_created_follows_source_date_epoch(keys: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     tree = make_small_tree(tmp_path / "tree")
