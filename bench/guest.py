@@ -163,7 +163,8 @@ class MemoryTry:
     outcome: str  # the verdict line or what went wrong instead
 
 
-FAILURE = r"recovery: installed \S+|recovery: (rejected|failed): .*|Kernel panic[^\n]*|Out of memory[^\n]*"
+# Whole lines: the console may have delivered only part of one when a shorter pattern would match.
+FAILURE = r"(?:recovery: installed \S+|recovery: (rejected|failed): [^\r\n]*|Kernel panic[^\r\n]*|Out of memory[^\r\n]*)\r?\n"
 
 
 def install_in(guest: Guest, mib: int) -> MemoryTry:

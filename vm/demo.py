@@ -143,7 +143,7 @@ class _Cycle:
 
     def expect(self, pattern: str, timeout: float) -> re.Match[str]:
         """Wait for `pattern`; a recovery verdict other than the one awaited ends the demo."""
-        verdict = r"recovery: (?P<bad>rejected|failed): (?P<why>[^\n]*)"
+        verdict = r"recovery: (?P<bad>rejected|failed): (?P<why>[^\r\n]*)\r?\n"  # the whole line
         match = self.m.expect(f"(?:{pattern})|{verdict}", timeout)
         if match.group("bad"):
             raise DemoFailed(f"the recovery {match.group('bad')} the update: {match.group('why').strip()}")
@@ -179,7 +179,7 @@ class _Cycle:
         # Through tee, stdout is no terminal: progress comes as whole lines, as on any serial console.
         m.send(f"updatectl install --latest {FEED_URL} 2>/run/updatectl.err | tee /run/updatectl.out; "
                "echo demo-''exit=${PIPESTATUS[0]}\n")
-        done = r"demo-exit=(?P<code>\d+)"
+        done = r"demo-exit=(?P<code>\d+)\r?\n"
 
         def until(pattern: str, timeout: float) -> re.Match[str]:
             match = self.expect(f"(?:{pattern})|{done}", timeout)

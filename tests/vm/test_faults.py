@@ -74,7 +74,7 @@ def test_storage_read_errors_while_verifying_reject_the_update(
     m = machine(disk=faulty(vm_disk, *(inject_error(sector=s, iotype="read") for s in bad)),
                 probe_kernel=built_image.recovery / "vmlinuz")
     m.expect(r"recovery: starting \(try 1\)", KERNEL)
-    verdict = m.expect(r"recovery: (installed|rejected|failed)[^\r\n]*", RECOVERY).group(0)
+    verdict = m.expect(r"recovery: (installed|rejected|failed)[^\r\n]*\r?\n", RECOVERY).group(0).strip()
     assert re.match(r"recovery: rejected: .*(Input/output error|I/O error)", verdict), verdict
     m.expect(r"Loading the system", KERNEL)
     m.power_cut()  # GRUB chose the old system; cut before its kernel mounts (and so changes) it
@@ -106,7 +106,7 @@ def test_system_write_errors_fail_three_tries_then_rescue_then_retry_installs(
     verdicts = []
     for n in (1, 2, 3):
         m.expect(rf"recovery: starting \(try {n}\)", KERNEL * 2)
-        verdicts.append(m.expect(r"recovery: (installed|rejected|failed)[^\r\n]*", RECOVERY).group(0).strip())
+        verdicts.append(m.expect(r"recovery: (installed|rejected|failed)[^\r\n]*\r?\n", RECOVERY).group(0).strip())
         assert verdicts[-1].startswith("recovery: failed"), verdicts
     m.expect(r"recovery: rescue shell", KERNEL * 2)
     status, out = m.shell("cat /proc/cmdline")

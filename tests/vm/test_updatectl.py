@@ -137,7 +137,7 @@ def test_status_after_a_failed_try_and_the_install_that_followed(
     m = machine(Firmware.bios, disk=faulty, probe_kernel=built_image.recovery / "vmlinuz", name="faulty")
     m.expect(r"recovery: starting \(try 1\)", KERNEL)
     m.expect(r"recovery: erasing\n", RECOVERY)
-    reason = m.expect(r"recovery: failed: ([^\n]+)", RECOVERY).group(1).strip()
+    reason = m.expect(r"recovery: failed: ([^\r\n]+)\r?\n", RECOVERY).group(1).strip()
     m.expect(r"recovery: rebooting", RECOVERY)
     m.power_cut()
     failed = read_result(vm_disk)
