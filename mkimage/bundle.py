@@ -19,7 +19,7 @@ import os
 import pwd
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -223,7 +223,7 @@ def _number_acls(payload: Path, comp: Compression, source: Path) -> None:
             numbered.unlink()
 
 
-def _copy_entries(reader: Any, writer: Any, each: Any) -> None:
+def _copy_entries(reader: Any, writer: Any, each: Callable[[Any], object]) -> None:
     """Every entry of `reader` into `writer` as pax, after `each(entry)` (which may change it)."""
     write_p = writer._pointer
     for entry in reader:

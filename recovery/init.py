@@ -447,6 +447,8 @@ def retry(cfg: Path | None = None) -> None:
         cfg = CFG_MOUNT if os.path.ismount(CFG_MOUNT) else _mount_cfg(RecoveryConfig.load())
     reset_fallback_counter(cfg)
     clear_try(cfg / INSTRUCTION)
+    # Both are files GRUB reads past the journal (clear_try writes its own out only when it changed).
+    checkpoint_journal(cfg)
     print("try counter cleared: the next boot tries the update again")
 
 

@@ -80,3 +80,17 @@ def test_checkpoint_is_the_real_ioctl_by_default() -> None:
     import fcntl
 
     assert checkpoint_journal.__kwdefaults__["ioctl"] is fcntl.ioctl and atomic.fcntl is fcntl
+
+
+def test_recovery_retry_writes_both_counters_out_for_grub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from recovery import init
+
+    cfg = tmp_path / "cfg"
+    (cfg / "recovery").mkdir(parents=True)
+    write_instruction(cfg / init.INSTRUCTION, Instruction.create(
+        disk="PARTLABEL=storage", file="/bundles/a.bundle", sha256="ab" * 32, version="2.0.0"))
+    seen: list[Path] = []
+    monkeypatch.setattr(init, "checkpoint_journal", lambda path: seen.append(Path(path)) or True)
+    init.retry(cfg)
+    # no try was counted, so clear_try wrote nothing: the fallback counter's new block still needs it
+    assert seen == [cfg] and (cfg / init.FALLBACK_COUNTER).stat().st_size == 1024
