@@ -11,7 +11,7 @@ import pytest
 from recovery.download import Interrupted, Scheme, Source, download, fetch
 from recovery.errors import Rejected
 
-from .updatectl_support import ServerState, http_server, refused_url
+from .updatectl_support import ServerState, http_server, refused_url, self_signed
 
 BODY = os.urandom(2 * 1024 * 1024 + 5)
 PLENTY = lambda _path: 1 << 40  # noqa: E731 - a free-space function for tests that are not about space
@@ -54,6 +54,26 @@ def test_download_whole(tmp_path: Path) -> None:
         t = download(Source.parse(url + "/b.bundle"), tmp_path / "b.bundle.partial", free=PLENTY, progress=False)
     assert t.path.read_bytes() == BODY and t.size == len(BODY) and t.received == len(BODY)
     assert "range" not in state.requests[0]
+
+
+def test_download_over_https_with_a_trusted_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tls = self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls[0]))  # the system's trust store, as an operator would extend it
+    state = ServerState(files={"/b.bundle": BODY})
+    with http_server(state, tls=tls) as url:
+        assert url.startswith("https://")
+        t = download(Source.parse(url + "/b.bundle"), tmp_path / "b.bundle.partial", free=PLENTY, progress=False)
+    assert t.path.read_bytes() == BODY
+
+
+def test_https_with_an_untrusted_certificate_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tls = self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "nothing-trusted.pem"))
+    state = ServerState(files={"/b.bundle": BODY})
+    with http_server(state, tls=tls) as url, pytest.raises(Rejected) as caught:
+        download(Source.parse(url + "/b.bundle"), tmp_path / "b.bundle.partial", free=PLENTY, progress=False)
+    assert "certificate verify failed" in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "b.bundle.partial").exists() and state.requests == []
 
 
 def test_resume_after_a_dropped_connection(tmp_path: Path) -> None:
