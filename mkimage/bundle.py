@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from libarchive import ffi
 
 from recovery.bundle import (
+    BLOCK_SIZE, MAX_MANIFEST, BlockDigests,
     CHUNK, FORMAT, MANIFEST_NAME, SIGNATURE_NAME, Compression, Manifest, PayloadInfo, Signature,
 )
 from recovery.acl import USER, AclEntry, acl_entries, has_acl, number_acl, without_id
@@ -87,7 +88,8 @@ def create_bundle(
     private = load_private_key(Path(key))
     created = _created()
     # Construct once with placeholders so a bad product or version fails before the long work.
-    Manifest(FORMAT, product, version, created, PayloadInfo(comp.payload_name, 0, "0" * 64, comp), 0, 0)
+    Manifest(FORMAT, product, version, created, PayloadInfo(comp.payload_name, 0, None, comp, BlockDigests(BLOCK_SIZE, b"")),
+             0, 0)
     if not source.exists():
         raise Rejected(f"source {source} does not exist")
     if not output.parent.is_dir():
@@ -113,13 +115,16 @@ def create_bundle(
                 assert unnumbered is None
             if files == 0:
                 raise Rejected(f"source {source} holds no entries: a bundle of it would install nothing")
-            size, digest = _sha256(payload)
+            size, blocks = _block_digests(payload)
         manifest = Manifest(
             format=FORMAT, product=product, version=version, created=created,
-            payload=PayloadInfo(name=comp.payload_name, size=size, sha256=digest, compression=comp),
+            payload=PayloadInfo(name=comp.payload_name, size=size, sha256=None, compression=comp, blocks=blocks),
             rootfs_files=files, rootfs_bytes=nbytes,
         )
         manifest_bytes = manifest.to_json()
+        if len(manifest_bytes) > MAX_MANIFEST:
+            raise Rejected(f"payload of {size >> 20} MiB is too large: its block list makes a manifest of "
+                           f"{len(manifest_bytes)} bytes, the recovery reads at most {MAX_MANIFEST}")
         signature = Signature(keyid(raw_public_key(private.public_key())), private.sign(manifest_bytes))
         with step(f"Writing {output}"):
             _write_outer(staged, manifest_bytes, signature.to_json(), payload, comp.payload_name, created)
@@ -235,16 +240,22 @@ def _copy_entries(reader: Any, writer: Any, each: Callable[[Any], object]) -> No
         ffi.write_finish_entry(write_p)
 
 
-def _sha256(path: Path) -> tuple[int, str]:
-    h = hashlib.sha256()
-    buf = bytearray(CHUNK)
+def _block_digests(path: Path) -> tuple[int, BlockDigests]:
+    """The file's size and the sha256 of each of its BLOCK_SIZE blocks, for the manifest."""
+    digests = bytearray()
+    buf = bytearray(BLOCK_SIZE)
     view = memoryview(buf)
     size = 0
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
+        while True:
+            n = 0
+            while n < BLOCK_SIZE and (got := f.readinto(view[n:])):
+                n += got
+            if not n:
+                break
+            digests += hashlib.sha256(view[:n]).digest()
             size += n
-    return size, h.hexdigest()
+    return size, BlockDigests(BLOCK_SIZE, bytes(digests))
 
 
 def _write_outer(

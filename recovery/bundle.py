@@ -28,15 +28,26 @@ from .keys import Keyring
 from .output import MiB, Progress
 
 __all__ = [
-    "Compression", "Keyring", "Manifest", "PayloadInfo", "Signature", "VerifiedBundle", "verify_bundle",
-    "MANIFEST_NAME", "SIGNATURE_NAME", "FORMAT",
+    "BlockDigests", "Compression", "Keyring", "Manifest", "PayloadInfo", "Signature", "VerifiedBundle",
+    "verify_bundle", "MANIFEST_NAME", "SIGNATURE_NAME", "FORMAT", "FORMATS", "BLOCK_SIZE",
 ]
 
-FORMAT = 1
+# Format 2 signs a sha256 per payload block (DESIGN.md, "The bundle"); format 1 signs one sha256 of
+# the whole payload. Both are read; new bundles are format 2.
+FORMAT = 2
+FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.json.sig"
 
-MAX_MANIFEST = 64 * 1024
+# The payload's blocks: what the extractor checks before it hands a byte to the decompressor, and
+# the memory it needs for that (one block).
+BLOCK_SIZE = 1 * MiB
+MIN_BLOCK_SIZE = 64 * 1024
+MAX_BLOCK_SIZE = 16 * MiB
+DIGEST = 32
+# The block list is most of a format-2 manifest: 43 base64 bytes per block, so 8 MiB is room for a
+# payload of about 190 GiB in 1 MiB blocks.
+MAX_MANIFEST = 8 * MiB
 MAX_SIGNATURE = 4 * 1024
 MAX_PAX_HEADER = 64 * 1024
 # Tar writers pad the end to their record size (GNU tar and Python: 10 KiB); allow generous records.
@@ -68,16 +79,56 @@ class Compression(StrEnum):
 
 
 @dataclass(frozen=True)
+class BlockDigests:
+    """The sha256 of each `block_size` piece of the payload, in order (the last piece may be shorter):
+    32 bytes each, concatenated."""
+
+    block_size: int
+    digests: bytes
+
+    @classmethod
+    def count_for(cls, size: int, block_size: int) -> int:
+        return -(-size // block_size)
+
+    def __len__(self) -> int:
+        return len(self.digests) // DIGEST
+
+    def digest(self, index: int) -> bytes:
+        return self.digests[index * DIGEST : (index + 1) * DIGEST]
+
+    def span(self, index: int, size: int) -> str:
+        """Block `index` of a payload of `size` bytes, for a message: "block 17 (bytes 17825792-18874367)"."""
+        start = index * self.block_size
+        return f"block {index} (bytes {start}-{min(start + self.block_size, size) - 1})"
+
+
+@dataclass(frozen=True)
 class PayloadInfo:
+    """The payload as the manifest describes it: `sha256` of the whole (format 1) or `blocks`, the
+    digest of every `block_size` piece (format 2), never both."""
+
     name: str
     size: int
-    sha256: str
+    sha256: str | None
     compression: Compression
+    blocks: BlockDigests | None = None
 
     def __post_init__(self) -> None:
         _check_count(self.size, "payload.size")
-        if not isinstance(self.sha256, str) or not _HEX64.fullmatch(self.sha256):
+        if (self.sha256 is None) == (self.blocks is None):
+            raise Rejected("malformed manifest: the payload needs either sha256 (format 1) or blocks (format 2)")
+        if self.sha256 is not None and (not isinstance(self.sha256, str) or not _HEX64.fullmatch(self.sha256)):
             raise Rejected("malformed manifest: payload.sha256 must be 64 lowercase hex digits")
+        if self.blocks is not None:
+            bs = self.blocks.block_size
+            if not isinstance(bs, int) or isinstance(bs, bool) or not MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE \
+                    or bs & (bs - 1):
+                raise Rejected(f"malformed manifest: payload.block_size {bs!r} must be a power of two from "
+                               f"{MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}")
+            want = BlockDigests.count_for(self.size, bs)
+            if len(self.blocks.digests) != want * DIGEST:
+                raise Rejected(f"malformed manifest: payload.blocks holds {len(self.blocks.digests) / DIGEST:g} "
+                               f"digests, a payload of {self.size} bytes in blocks of {bs} has {want}")
         if not isinstance(self.compression, Compression):
             raise Rejected(f"malformed manifest: unknown payload compression {self.compression!r}")
         if self.name != self.compression.payload_name:
@@ -104,8 +155,8 @@ class Manifest:
     rootfs_bytes: int
 
     def __post_init__(self) -> None:
-        if self.format != FORMAT or isinstance(self.format, bool):
-            raise Rejected(f"unsupported manifest format {self.format!r} (this recovery reads format {FORMAT})")
+        if self.format not in FORMATS or isinstance(self.format, bool):
+            raise Rejected(f"unsupported manifest format {self.format!r} (this recovery reads formats 1 and 2)")
         for field, value in (("product", self.product), ("version", self.version)):
             if not isinstance(value, str) or not _NAME.fullmatch(value):
                 raise Rejected(
@@ -120,6 +171,9 @@ class Manifest:
             raise Rejected(f"malformed manifest: created {self.created!r} is not an ISO 8601 time stamp") from None
         if not isinstance(self.payload, PayloadInfo):
             raise Rejected("malformed manifest: payload must be an object")
+        if (self.payload.blocks is not None) != (self.format == 2):
+            raise Rejected(f"malformed manifest: a format {self.format} payload "
+                           f"{'has' if self.format == 2 else 'has no'} a block list")
         _check_count(self.rootfs_files, "rootfs.files")
         _check_count(self.rootfs_bytes, "rootfs.bytes")
 
@@ -133,8 +187,8 @@ class Manifest:
         if "format" not in top:
             raise Rejected("malformed manifest: no format field")
         fmt = top["format"]
-        if fmt != FORMAT or isinstance(fmt, bool):
-            raise Rejected(f"unsupported manifest format {fmt!r} (this recovery reads format {FORMAT})")
+        if fmt not in FORMATS or isinstance(fmt, bool):
+            raise Rejected(f"unsupported manifest format {fmt!r} (this recovery reads formats 1 and 2)")
         _exact_keys(top, {"format", "product", "version", "created", "payload", "rootfs"}, "manifest")
         payload = top["payload"]
         rootfs = top["rootfs"]
@@ -142,7 +196,8 @@ class Manifest:
             raise Rejected("malformed manifest: payload must be an object")
         if not isinstance(rootfs, dict):
             raise Rejected("malformed manifest: rootfs must be an object")
-        _exact_keys(payload, {"name", "size", "sha256", "compression"}, "manifest payload")
+        hashes = {"sha256"} if fmt == 1 else {"block_size", "blocks"}
+        _exact_keys(payload, {"name", "size", "compression", *hashes}, "manifest payload")
         _exact_keys(rootfs, {"files", "bytes"}, "manifest rootfs")
         try:
             compression = Compression(payload["compression"])
@@ -159,7 +214,8 @@ class Manifest:
             version=top["version"],
             created=top["created"],
             payload=PayloadInfo(
-                name=payload["name"], size=payload["size"], sha256=payload["sha256"], compression=compression
+                name=payload["name"], size=payload["size"], sha256=payload.get("sha256"), compression=compression,
+                blocks=_parse_blocks(payload) if fmt == 2 else None,
             ),
             rootfs_files=rootfs["files"],
             rootfs_bytes=rootfs["bytes"],
@@ -167,17 +223,19 @@ class Manifest:
 
     def to_json(self) -> bytes:
         """The exact bytes that go into the bundle and get signed."""
+        payload: dict[str, Any] = {"name": self.payload.name, "size": self.payload.size}
+        if self.payload.blocks is None:
+            payload["sha256"] = self.payload.sha256
+        payload["compression"] = str(self.payload.compression)
+        if self.payload.blocks is not None:
+            payload["block_size"] = self.payload.blocks.block_size
+            payload["blocks"] = base64.b64encode(self.payload.blocks.digests).decode("ascii")
         doc = {
             "format": self.format,
             "product": self.product,
             "version": self.version,
             "created": self.created,
-            "payload": {
-                "name": self.payload.name,
-                "size": self.payload.size,
-                "sha256": self.payload.sha256,
-                "compression": str(self.payload.compression),
-            },
+            "payload": payload,
             "rootfs": {"files": self.rootfs_files, "bytes": self.rootfs_bytes},
         }
         return (json.dumps(doc, indent=2) + "\n").encode()
@@ -226,13 +284,20 @@ class Signature:
 
 @dataclass(frozen=True)
 class VerifiedBundle:
-    """A bundle that passed verify_bundle; the extractor reads the payload at `payload_offset`."""
+    """A bundle that passed verify_bundle; the extractor reads the payload at `payload_offset` and
+    checks every block against `blocks` before it uses a byte of it.
+
+    `blocks` are the signed block digests (format 2), or, for format 1, the digests of the blocks
+    exactly as verification read them: those bytes hashed to the signed sha256, so their digests
+    bind a second read to the signed payload just as well.
+    """
 
     path: Path
     manifest: Manifest
     keyid: str
     payload_offset: int  # byte offset of the payload's data in the file
     sha256: str | None  # the whole file's sha256, when it was computed
+    blocks: BlockDigests
 
 
 def verify_bundle(
@@ -327,13 +392,57 @@ def _verify(
             f"truncated: the payload ends at byte {payload_member.offset + payload_member.size} "
             f"but the file has only {file_size} bytes"
         )
-    payload_hash = hashlib.sha256()
-    reader.stream(payload_member.size, payload_hash, f"member {payload_member.name}")
-    if payload_hash.hexdigest() != manifest.payload.sha256:
-        raise Rejected("payload sha256 mismatch: the payload is not the one the manifest was signed for")
+    check = _PayloadCheck(manifest.payload)
+    reader.stream(payload_member.size, check, f"member {payload_member.name}")
+    blocks = check.finish()
     _read_padding(reader, payload_member)
     _read_trailer(reader)
-    return VerifiedBundle(path, manifest, signature.keyid, payload_member.offset, sha256=None)
+    return VerifiedBundle(path, manifest, signature.keyid, payload_member.offset, sha256=None, blocks=blocks)
+
+
+class _PayloadCheck:
+    """Checks the payload as it streams past: each block against the signed list (format 2, failing at
+    the first wrong block), or the whole against the signed sha256 (format 1) while recording each
+    block's digest for the extractor."""
+
+    def __init__(self, payload: PayloadInfo) -> None:
+        self.payload = payload
+        self.signed = payload.blocks
+        self.block_size = BLOCK_SIZE if self.signed is None else self.signed.block_size
+        self.whole = hashlib.sha256() if self.signed is None else None
+        self.seen = bytearray()  # the digests of the blocks read so far
+        self.current = hashlib.sha256()
+        self.filled = 0
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        if self.whole is not None:
+            self.whole.update(view)
+        while view:
+            take = min(len(view), self.block_size - self.filled)
+            if not self.filled and take == self.block_size:
+                self._block(hashlib.sha256(view[:take]).digest())  # the usual case: one read, one block
+            else:
+                self.current.update(view[:take])
+                self.filled += take
+                if self.filled == self.block_size:
+                    self._block(self.current.digest())
+            view = view[take:]
+
+    def _block(self, digest: bytes) -> None:
+        index = len(self.seen) // DIGEST
+        if self.signed is not None and digest != self.signed.digest(index):
+            raise Rejected(f"payload sha256 mismatch: {self.signed.span(index, self.payload.size)} is not "
+                           "the one the manifest was signed for")
+        self.seen += digest
+        self.current, self.filled = hashlib.sha256(), 0
+
+    def finish(self) -> BlockDigests:
+        if self.filled:
+            self._block(self.current.digest())
+        if self.whole is not None and self.whole.hexdigest() != self.payload.sha256:
+            raise Rejected("payload sha256 mismatch: the payload is not the one the manifest was signed for")
+        return BlockDigests(self.block_size, bytes(self.seen))
 
 
 # --- the outer tar -----------------------------------------------------------------------------
@@ -341,7 +450,6 @@ def _verify(
 
 class _Hash(Protocol):
     def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
-    def hexdigest(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -619,6 +727,22 @@ def _exact_keys(obj: dict[str, Any], keys: set[str], what: str) -> None:
     unknown = obj.keys() - keys
     if unknown:
         raise Rejected(f"malformed {what}: unknown field {sorted(unknown)[0]!r}")
+
+
+def _parse_blocks(payload: dict[str, Any]) -> BlockDigests:
+    """payload.block_size and payload.blocks (base64 of the concatenated 32-byte digests)."""
+    size, text = payload["block_size"], payload["blocks"]
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise Rejected("malformed manifest: payload.block_size must be an integer")
+    if not isinstance(text, str):
+        raise Rejected("malformed manifest: payload.blocks must be a base64 string")
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise Rejected("malformed manifest: payload.blocks is not valid base64") from None
+    if len(raw) % DIGEST:
+        raise Rejected(f"malformed manifest: payload.blocks is not a whole number of {DIGEST}-byte digests")
+    return BlockDigests(size, raw)
 
 
 def _check_count(value: object, field: str) -> None:

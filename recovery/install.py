@@ -11,10 +11,11 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import stat
 import threading
 import uuid as uuidlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from ctypes import POINTER, byref, c_char_p, c_int, c_longlong, c_size_t, c_void_p
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ BLOCK = 1024 * 1024
 # --- libarchive ---------------------------------------------------------------------------------
 
 READ_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_ssize_t, c_void_p, c_void_p, POINTER(c_void_p))
-AE_IFMT, AE_IFREG, AE_IFDIR = 0o170000, 0o100000, 0o040000
+AE_IFMT, AE_IFREG, AE_IFDIR, AE_IFLNK = 0o170000, 0o100000, 0o040000, 0o120000
 
 
 class _A:
@@ -180,37 +181,55 @@ def _check_entry(name: bytes, hardlink: bytes | None, filetype: int) -> None:
 # --- the payload stream -------------------------------------------------------------------------
 
 
+class PayloadChanged(Exception):
+    """A block of the payload read back differs from the one verification checked."""
+
+
 class _Source:
-    """Exactly `size` payload bytes from the bundle, handed to libarchive by a read callback and
-    hashed on the way, so what is extracted is exactly what is hashed."""
+    """The payload for libarchive, one verified block at a time: a block is read whole and checked
+    against its verified digest before libarchive sees any of it, so a payload that changes after
+    verification (a rewritten file, a disk that answers a second read differently) stops at the first
+    changed block with nothing of it extracted."""
 
     def __init__(self, bundle: VerifiedBundle, progress: Progress | None) -> None:
+        self.blocks = bundle.blocks
+        self.size = bundle.manifest.payload.size
         self.file = open(bundle.path, "rb", buffering=0)
         try:
             self.file.seek(bundle.payload_offset)
         except OSError:
             self.file.close()
             raise
-        self.remaining = bundle.manifest.payload.size
+        self.index = 0  # of the next block
+        self.remaining = self.size
         self.progress = progress
-        self.hash = hashlib.sha256()
-        self.short = 0  # bytes the bundle file lacks at the end
-        self.error: OSError | None = None
+        self.error: OSError | PayloadChanged | None = None
         # libarchive is done with a block when it asks for the next, so one buffer serves.
-        self._buffer = ctypes.create_string_buffer(BLOCK)
+        self._buffer = ctypes.create_string_buffer(self.blocks.block_size)
         self._view = memoryview(self._buffer).cast("B")
         # libarchive keeps the pointer: the callback object must live as long as this source.
         self.callback = READ_CALLBACK(self._read)
+        self.test_hook: Callable[[int], None] | None = None  # called before each block is read (tests)
 
     def _next(self) -> int:
-        """Read and hash the next block into the buffer; 0 at the end."""
+        """Read and check the next block into the buffer; 0 at the end."""
         if not self.remaining:
             return 0
-        n = self.file.readinto(self._view[: min(BLOCK, self.remaining)])
-        if not n:
-            self.short, self.remaining = self.remaining, 0
-            return 0
-        self.hash.update(self._view[:n])  # without the GIL: extraction goes on meanwhile
+        if self.test_hook is not None:
+            self.test_hook(self.index)
+        want = min(self.blocks.block_size, self.remaining)
+        n = 0
+        while n < want and (got := self.file.readinto(self._view[n:want])):
+            n += got
+        if n < want:
+            missing, self.remaining = self.remaining - n, 0
+            raise PayloadChanged(f"bundle {self.file.name} now ends {missing} bytes before the end of its payload")
+        # hashlib drops the GIL here: extraction goes on meanwhile
+        if hashlib.sha256(self._view[:n]).digest() != self.blocks.digest(self.index):
+            self.remaining = 0
+            raise PayloadChanged(f"payload sha256 mismatch during extraction: {self.blocks.span(self.index, self.size)} "
+                                 "changed after verification")
+        self.index += 1
         self.remaining -= n
         if self.progress is not None:
             self.progress.update(n)
@@ -219,7 +238,7 @@ class _Source:
     def _read(self, archive: int, context: int, out: ctypes._Pointer) -> int:
         try:
             n = self._next()
-        except OSError as e:
+        except (OSError, PayloadChanged) as e:
             self.error = e
             return ARCHIVE_FATAL
         out[0] = ctypes.addressof(self._buffer)
@@ -229,18 +248,8 @@ class _Source:
         """Make this source the input of `archive`; returns libarchive's result."""
         return _A.read_open(archive, None, None, self.callback, None)
 
-    def finish(self, *, hash_rest: bool = True) -> str:
-        """Hash what libarchive did not read (the tar's padding, or all the rest after a failure:
-        a changed payload is then reported as what it is, not as whatever broke first); return the
-        sha256 of what was read."""
-        try:
-            while hash_rest and self._next():
-                pass
-        except OSError as e:
-            self.error = e
-        finally:
-            self.file.close()
-        return self.hash.hexdigest()
+    def close(self) -> None:
+        self.file.close()
 
 
 class _Decompressor(threading.Thread):
@@ -280,13 +289,12 @@ class _PayloadStream:
             raise Failed(f"payload compression {compression!r} is not supported")
         self.source = _Source(bundle, progress)
         self.decompressor: _Decompressor | None = None
-        self.sha256: str | None = None  # of the payload as read, once closed
         self._pipe: int | None = None
         if compression != "none":
             try:
                 self._pipe, write_end = os.pipe()
             except OSError:
-                self.source.finish(hash_rest=False)
+                self.source.close()
                 raise
             _grow_pipe(self._pipe)
             self.decompressor = _Decompressor(self.source, compression, write_end)
@@ -297,11 +305,11 @@ class _PayloadStream:
             return self.source.attach(archive)
         return _A.read_open_fd(archive, self._pipe, BLOCK)
 
-    def close(self, *, complete: bool, abort: bool = False) -> Failed | None:
+    def close(self, *, complete: bool) -> Failed | None:
         """Stop reading and wait for the decompressor; return its failure, if any.
 
         After a `complete` tar the rest of the stream is read, so that the decompressor finishes and a
-        broken end of the stream is noticed. The source is hashed to its end unless `abort`.
+        broken end of the stream is noticed.
         """
         try:
             if self._pipe is not None:
@@ -313,7 +321,7 @@ class _PayloadStream:
             if self.decompressor is not None:
                 self.decompressor.join()
         finally:
-            self.sha256 = self.source.finish(hash_rest=not abort)
+            self.source.close()
         if complete and self.decompressor is not None and self.decompressor.error is not None:
             return Failed(f"Failed to decompress the payload: {self.decompressor.error}")
         return None
@@ -354,14 +362,55 @@ def _times(entry: c_void_p) -> tuple[int, int]:
     return _A.atime(entry) * 1_000_000_000 + _A.atime_nsec(entry), mtime
 
 
-def _extract_stream(stream: _PayloadStream) -> ExtractStats:
+def _normal(name: bytes) -> bytes:
+    """An entry name as a key: `./usr//bin/` and `usr/bin` are the same path."""
+    return b"/".join(p for p in name.split(b"/") if p not in (b"", b"."))
+
+
+class _Admission:
+    """What the manifest and the entries extracted so far allow the next entry to be.
+
+    Counts are checked before an entry is written, so a payload that holds more than its signed
+    manifest declares stops at the first entry past it, not after filling the disk. A hard link may
+    only join a regular file this payload made (libarchive links a symlink itself and then calls
+    chmod() and acl_set_file() by path, which follow it out of the target), and carries no data.
+    """
+
+    def __init__(self, files: int, nbytes: int) -> None:
+        self.max_files, self.max_bytes = files, nbytes
+        self.files = self.bytes = 0
+        self.regular: set[bytes] = set()
+
+    def admit(self, name: bytes, hardlink: bytes | None, filetype: int, size: int, acl: bool) -> None:
+        if self.files == self.max_files:
+            raise Failed(f"Failed to extract {_show(name)}: the payload holds more than the {self.max_files} "
+                         "entries its manifest declares")
+        if hardlink is not None:
+            if _normal(hardlink) not in self.regular:
+                raise Failed(f"Failed to extract {_show(name)}: hard link to {_show(hardlink)}, which is not a "
+                             "regular file extracted earlier from this payload")
+            if size:
+                raise Failed(f"Failed to extract {_show(name)}: a hard link that carries {size} bytes of data")
+        elif filetype == AE_IFREG:
+            if size > self.max_bytes - self.bytes:
+                raise Failed(f"Failed to extract {_show(name)}: its {size} bytes would pass the {self.max_bytes} "
+                             f"file bytes its manifest declares ({self.bytes} extracted)")
+            self.bytes += size
+        elif acl and filetype == AE_IFLNK:
+            # acl_set_file() follows a symlink; Linux keeps no ACL on one anyway.
+            raise Failed(f"Failed to extract {_show(name)}: a symbolic link that carries an ACL")
+        if hardlink is not None or filetype == AE_IFREG:
+            self.regular.add(_normal(name))
+        self.files += 1
+
+
+def _extract_stream(stream: _PayloadStream, admission: _Admission) -> ExtractStats:
     """Extract the payload's tar stream into the current directory; count entries and file bytes."""
     a = _A.read_new()
     d = _A.disk_new()
     if not a or not d:
         raise Failed("libarchive: out of memory")
     entry = c_void_p()
-    files = nbytes = 0
     name = previous = b""
     root_times: tuple[int, int] | None = None
     try:
@@ -370,8 +419,8 @@ def _extract_stream(stream: _PayloadStream) -> ExtractStats:
         if stream.attach(a) != ARCHIVE_OK:
             raise Failed(f"Failed to read the payload: {_reason(a)}")
         # The loop runs once per entry, tens of thousands of times: libarchive's functions as locals.
-        next_header, pathname, filetype_of, hardlink_of, size_of, extract2 = (
-            _A.next_header, _A.pathname, _A.filetype, _A.hardlink, _A.size, _A.extract2)
+        next_header, pathname, filetype_of, hardlink_of, size_of, extract2, admit = (
+            _A.next_header, _A.pathname, _A.filetype, _A.hardlink, _A.size, _A.extract2, admission.admit)
         entry_ref = byref(entry)
         while True:
             r = next_header(a, entry_ref)
@@ -384,12 +433,11 @@ def _extract_stream(stream: _PayloadStream) -> ExtractStats:
             filetype = filetype_of(entry) & AE_IFMT
             hardlink = hardlink_of(entry)
             _check_entry(name, hardlink, filetype)
-            if has_acl(entry) and (unnumbered := without_id(acl_entries(entry))):
+            acl = has_acl(entry)
+            if acl and (unnumbered := without_id(acl_entries(entry))):
                 raise Failed(f"Failed to extract {_show(name)}: its ACL names {unnumbered[0].describe()} without "
                              "a number, which the recovery cannot resolve (make the bundle with mkimage)")
-            files += 1
-            if filetype == AE_IFREG and hardlink is None:
-                nbytes += size_of(entry)
+            admit(name, hardlink, filetype, size_of(entry), acl)
             # Header, data and metadata in one call into libarchive. It reports any failure, the
             # disk writer's included, on the reading archive.
             if extract2(a, entry, d) != ARCHIVE_OK:
@@ -407,7 +455,7 @@ def _extract_stream(stream: _PayloadStream) -> ExtractStats:
     finally:
         _A.write_free(d)
         _A.read_free(a)
-    return ExtractStats(files=files, bytes=nbytes)
+    return ExtractStats(files=admission.files, bytes=admission.bytes)
 
 
 @contextmanager
@@ -423,10 +471,11 @@ def _working_directory(path: Path) -> Iterator[None]:
 
 
 def extract_payload(bundle: VerifiedBundle, target: Path, *, progress: Progress | None = None) -> ExtractStats:
-    """Extract the verified bundle's payload into `target`, hashing it again on the way.
+    """Extract the verified bundle's payload into `target`, checking every block on the way.
 
-    Raises Failed if an entry is refused, libarchive fails, the payload no longer has the verified
-    sha256, or the entries do not add up to the manifest's counts.
+    Raises Failed if an entry is refused, libarchive fails, a block of the payload no longer has its
+    verified sha256 (nothing of it or after it is extracted), or the entries do not add up to the
+    manifest's counts.
     """
     manifest = bundle.manifest
     target = Path(os.path.abspath(target))
@@ -438,22 +487,21 @@ def extract_payload(bundle: VerifiedBundle, target: Path, *, progress: Progress 
         raise Failed(f"Failed to read the payload from {bundle.path}: {e.strerror or e}") from None
     try:
         with _working_directory(target):
-            stats = _extract_stream(stream)
+            stats = _extract_stream(stream, _Admission(manifest.rootfs_files, manifest.rootfs_bytes))
     except Failed as e:
         failure = e
     except OSError as e:
         failure = Failed(f"Failed to extract into {target}: {e.strerror or e}")
     except BaseException:
-        stream.close(complete=False, abort=True)
+        stream.close(complete=False)
         raise
     failure = stream.close(complete=stats is not None) or failure
-    source = stream.source
-    if source.error is not None:
-        raise Failed(f"Failed to read the payload from {bundle.path}: {source.error.strerror or source.error}")
-    if source.short:
-        raise Failed(f"bundle {bundle.path} ends {source.short} bytes before the end of its payload")
-    if stream.sha256 != manifest.payload.sha256:
-        raise Failed("payload sha256 mismatch during extraction") from failure
+    # The payload's own failure first: whatever broke in the extraction broke because of it.
+    match stream.source.error:
+        case PayloadChanged() as changed:
+            raise Failed(str(changed)) from failure
+        case OSError() as e:
+            raise Failed(f"Failed to read the payload from {bundle.path}: {e.strerror or e}") from failure
     if failure is not None:
         raise failure
     assert stats is not None
@@ -466,9 +514,34 @@ def extract_payload(bundle: VerifiedBundle, target: Path, *, progress: Progress 
 
 
 def apply_bundle(bundle: VerifiedBundle, target: Path, *, progress: Progress | None = None) -> ExtractStats:
-    """Extract a verified bundle into `target`, which must be an existing empty directory."""
+    """Extract a verified bundle into `target`, which must be an existing empty directory.
+
+    On a failure what was extracted is removed again, so the target is empty as it was found (it
+    was empty, so everything in it is this extraction's), and the error says so.
+    """
     check_target(target)
-    return extract_payload(bundle, target, progress=progress)
+    try:
+        return extract_payload(bundle, target, progress=progress)
+    except Failed as e:
+        try:
+            _empty(target)
+        except OSError as cleanup:
+            raise Failed(f"{e}; the partial tree is left in {target} ({cleanup.strerror or cleanup})") from None
+        raise Failed(f"{e}; removed the partial tree from {target}") from None
+
+
+def _empty(directory: Path) -> None:
+    """Remove everything in `directory` (not the directory), never following a symbolic link."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for entry in os.scandir(fd):
+            if entry.is_dir(follow_symlinks=False):
+                # rmtree works through directory fds on Linux: a symlink swapped in is not followed.
+                shutil.rmtree(entry.name, dir_fd=fd)
+            else:
+                os.unlink(entry.name, dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 def check_target(target: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 TEST_IMAGES = Path(os.environ.get("RECOVERY_TEST_IMAGES", "/var/tmp/recovery-test-images"))
-KEEP_IMAGES = 3
+KEEP_IMAGES = 10  # several worktrees may test at once; about 1 GiB each
 _REPO = Path(__file__).resolve().parent.parent
 
 

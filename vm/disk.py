@@ -194,6 +194,20 @@ class DiskImage:
                 raise VMError(f"{path} in partition {part.name} is a {kind}, not a file")
             return fs.read(target)
 
+    def metadata(self, partition: str | int, path: str) -> tuple[str, ...] | None:
+        """What `path` in an ext4 partition is, symlinks not followed: type, mode, owner, group, link count
+        and its extended attributes (ACLs among them) as debugfs prints them; None if nothing is there."""
+        target = _fs_path(path)
+        with self._filesystem(partition) as (part, image):
+            out, errors = _debugfs(image, [f"stat {_q(target)}"])
+        fields = [re.search(rf"{key}:\s*(\S+)", out) for key in ("Type", "Mode", "User", "Group", "Links")]
+        if any(f is None for f in fields):
+            if "not found" in errors:
+                return None
+            raise VMError(f"cannot look up {target} in partition {part.name}: {_last_line(errors)}")
+        xattrs = re.search(r"Extended attributes:\n((?:  .*\n)*)", out)
+        return (*(f.group(1) for f in fields if f is not None), xattrs.group(1).strip() if xattrs else "")
+
     def write_file(self, partition: str | int, path: str, data: bytes, *, mode: int = 0o644) -> None:
         """Create or replace `path` (owner root, `mode`) in an ext4 partition; parent directories are created."""
         target = _fs_path(path)

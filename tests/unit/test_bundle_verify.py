@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mkimage.bundle import create_bundle, generate_keys
-from recovery.bundle import Compression, Manifest, PayloadInfo, verify_bundle
+from recovery.bundle import MAX_MANIFEST, Compression, Manifest, PayloadInfo, verify_bundle
 from recovery.errors import Rejected
 from recovery.keys import Keyring
 from recovery.output import MiB, Progress
@@ -73,7 +73,9 @@ def test_good_bundle_verifies_and_points_at_its_payload(good: Path, keyring: Key
         f.seek(v.payload_offset)
         payload = f.read(v.manifest.payload.size)
     assert payload == bundle_members(good)["rootfs.tar.zst"]
-    assert hashlib.sha256(payload).hexdigest() == v.manifest.payload.sha256
+    # a small payload is one block; its digest is the manifest's, and the extractor gets that list
+    assert v.manifest.format == 2 and v.blocks == v.manifest.payload.blocks
+    assert v.blocks.digests == hashlib.sha256(payload).digest()
 
 
 def test_whole_file_sha256_is_computed_and_compared(good: Path, keyring: Keyring) -> None:
@@ -239,9 +241,9 @@ def test_gnu_format_outer_tar_is_not_a_bundle(good: Path, keyring: Keyring, tmp_
 
 def test_oversized_manifest_and_signature(good: Path, keyring: Keyring, tmp_path: Path, keys: Path) -> None:
     m = bundle_members(good)
-    big = m["manifest.json"] + b" " * (64 * 1024)
+    big = m["manifest.json"] + b" " * MAX_MANIFEST
     out = assemble_bundle(tmp_path / "big.bundle", [("manifest.json", big), *list(m.items())[1:]])
-    assert "manifest.json is 65" in rejected(out, keyring) and "at most 65536" in rejected(out, keyring)
+    assert f"manifest.json is {len(big)} bytes, at most {MAX_MANIFEST}" in rejected(out, keyring)
     out = assemble_bundle(tmp_path / "bigsig.bundle", [
         ("manifest.json", m["manifest.json"]), ("manifest.json.sig", b" " * 5000), ("rootfs.tar.zst", m["rootfs.tar.zst"]),
     ])
@@ -313,9 +315,9 @@ def test_signed_manifest_with_another_payload(good: Path, keys: Path, keyring: K
 
 def test_signed_manifest_of_an_unknown_format(good: Path, keys: Path, keyring: Keyring, tmp_path: Path) -> None:
     doc = json.loads(good_manifest(good).to_json())
-    doc["format"] = 2
+    doc["format"] = 3
     reason = rejected(resigned(good, keys, tmp_path, json.dumps(doc).encode()), keyring)
-    assert reason == "unsupported manifest format 2 (this recovery reads format 1)"
+    assert reason == "unsupported manifest format 3 (this recovery reads formats 1 and 2)"
 
 
 def test_signed_manifest_whose_payload_name_contradicts_compression(
@@ -380,7 +382,8 @@ def test_manifest_parse_rejects(edit: object, reason: str) -> None:
     (b"\xff\xfe{}", "not UTF-8"),
     (b'{"format": 1, "format": 1}', "field 'format' appears twice"),
     (b'{"format": NaN}', "NaN is not a JSON number"),
-    (b"[" * 100000 + b"]" * 100000, "larger than 65536 bytes"),
+    (b"[" * (MAX_MANIFEST // 2) + b"]" * (MAX_MANIFEST // 2 + 1), f"larger than {MAX_MANIFEST} bytes"),
+    (b"[" * 100000 + b"]" * 100000, "not valid JSON"),
     (b"[" * 30000 + b"]" * 30000, "not valid JSON"),
 ])
 def test_manifest_parse_rejects_bad_json(data: bytes, reason: str) -> None:

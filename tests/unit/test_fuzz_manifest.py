@@ -12,7 +12,7 @@ from typing import Any
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from recovery.bundle import Compression, Manifest, PayloadInfo
+from recovery.bundle import BlockDigests, Compression, Manifest, PayloadInfo
 from recovery.errors import Rejected
 
 VALID = Manifest(
@@ -20,7 +20,15 @@ VALID = Manifest(
     payload=PayloadInfo(name="rootfs.tar.zst", size=12345, sha256="ab" * 32, compression=Compression.zstd),
     rootfs_files=7, rootfs_bytes=4096,
 )
+# format 2: a block list instead of one sha256 (12345 bytes in 64 KiB blocks: one digest)
+VALID2 = Manifest(
+    format=2, product="demo-appliance", version="2.0.0", created="2026-01-02T03:04:05Z",
+    payload=PayloadInfo(name="rootfs.tar.zst", size=12345, sha256=None, compression=Compression.zstd,
+                        blocks=BlockDigests(65536, bytes(range(32)))),
+    rootfs_files=7, rootfs_bytes=4096,
+)
 DOC: dict[str, Any] = json.loads(VALID.to_json())
+DOC2: dict[str, Any] = json.loads(VALID2.to_json())
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -31,6 +39,7 @@ json_values = st.recursive(
 edgy = st.sampled_from([
     0, -1, 1, 2**63, 2**64, 10**30, -(10**30), 1.5, True, False, None, "", "1", "2.0.0", "../x", "a/b", "\x00",
     "zstd", "xz", "ZSTD", "ab" * 32, "AB" * 32, "g" * 64, "2026-01-02T03:04:05Z", "yesterday", [], {},
+    65536, 65537, 1 << 20, 1 << 25, "AAAA", "A" * 43 + "=", DOC2["payload"]["blocks"] * 2, "not base64!",
 ])
 
 
@@ -52,7 +61,7 @@ def paths(doc: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, 
     return out
 
 
-FIELDS = paths(DOC)
+FIELDS = sorted(set(paths(DOC)) | set(paths(DOC2)))
 
 
 @given(st.binary(max_size=2048))
@@ -69,10 +78,11 @@ def test_arbitrary_json(value: Any) -> None:
     check(json.dumps(value).encode())
 
 
-@given(st.lists(st.tuples(st.sampled_from(FIELDS), st.sampled_from(["set", "drop", "add"]), edgy | json_values),
+@given(st.sampled_from([DOC, DOC2]),
+       st.lists(st.tuples(st.sampled_from(FIELDS), st.sampled_from(["set", "drop", "add"]), edgy | json_values),
                 min_size=1, max_size=4))
-def test_mutated_manifests(changes: list[tuple[tuple[str, ...], str, Any]]) -> None:
-    doc = json.loads(json.dumps(DOC))
+def test_mutated_manifests(base: dict[str, Any], changes: list[tuple[tuple[str, ...], str, Any]]) -> None:
+    doc = json.loads(json.dumps(base))
     for path, kind, value in changes:
         node = doc
         for key in path[:-1]:
@@ -91,3 +101,4 @@ def test_mutated_manifests(changes: list[tuple[tuple[str, ...], str, Any]]) -> N
 def test_the_valid_manifest_parses() -> None:
     """So the mutations start from something the parser accepts."""
     assert Manifest.parse(VALID.to_json()) == VALID
+    assert Manifest.parse(VALID2.to_json()) == VALID2

@@ -36,6 +36,7 @@ class Entry:
     mode: int = 0o644
     size: int | None = None  # what the header claims, if not len(data)
     pax_path: bytes | None = None  # a pax `path` record overriding the header's name
+    pax: tuple[tuple[bytes, bytes], ...] = ()  # more pax records (`size`, `SCHILY.acl.access`, …)
 
 
 def _octal(value: int, width: int) -> bytes:
@@ -76,8 +77,9 @@ def tar(*entries: Entry, end: bool = True) -> bytes:
     """A ustar/pax archive exactly as described, with no sanity applied."""
     out = io.BytesIO()
     for e in entries:
-        if e.pax_path is not None:
-            body = _pax_record(b"path", e.pax_path)
+        records = ((b"path", e.pax_path),) if e.pax_path is not None else ()
+        if records or e.pax:
+            body = b"".join(_pax_record(key, value) for key, value in (*records, *e.pax))
             out.write(_header(b"PaxHeaders/x", b"x", len(body)) + _pad(body))
         size = len(e.data) if e.size is None else e.size
         out.write(_header(e.name, e.kind, size, e.link, e.mode) + _pad(e.data))

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from mkimage.bundle import create_bundle
-from recovery.bundle import Compression, Manifest, PayloadInfo, VerifiedBundle, verify_bundle
+from recovery.bundle import (
+    BLOCK_SIZE, BlockDigests, Compression, Manifest, PayloadInfo, VerifiedBundle, verify_bundle,
+)
 from recovery.errors import Failed, Rejected
 from recovery.install import ExtractStats, apply_bundle, erase, extract_payload, inodes_for
 from recovery.keys import Keyring
@@ -49,18 +51,27 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: owners, d
 
 
 def raw_bundle(path: Path, payload: bytes, *, compression: Compression = Compression.none,
-               files: int = 0, nbytes: int = 0, offset: int = 0) -> VerifiedBundle:
+               files: int = 1 << 20, nbytes: int = 1 << 60, offset: int = 0) -> VerifiedBundle:
     """A VerifiedBundle for a bare payload written at `offset` of `path`, as verify_bundle would
     return it: for archives that create_bundle would refuse to make (extract_payload trusts only what
-    the manifest says about the payload, so this is all it needs)."""
+    the manifest says about the payload, so this is all it needs). The counts default to limits out of
+    the way of whatever else a test wants refused; tests of the counts give their own."""
     path.write_bytes(b"\0" * offset + payload)
+    blocks = block_digests(payload)
     manifest = Manifest(
-        format=1, product="hostile", version="1.0", created="2024-01-01T00:00:00Z",
-        payload=PayloadInfo(name=compression.payload_name, size=len(payload),
-                            sha256=hashlib.sha256(payload).hexdigest(), compression=compression),
+        format=2, product="hostile", version="1.0", created="2024-01-01T00:00:00Z",
+        payload=PayloadInfo(name=compression.payload_name, size=len(payload), sha256=None,
+                            compression=compression, blocks=blocks),
         rootfs_files=files, rootfs_bytes=nbytes,
     )
-    return VerifiedBundle(path=path, manifest=manifest, keyid="0" * 16, payload_offset=offset, sha256=None)
+    return VerifiedBundle(path=path, manifest=manifest, keyid="0" * 16, payload_offset=offset, sha256=None,
+                          blocks=blocks)
+
+
+def block_digests(payload: bytes, block_size: int = BLOCK_SIZE) -> BlockDigests:
+    """The payload's block list, as mkimage writes it into a format-2 manifest."""
+    return BlockDigests(block_size, b"".join(hashlib.sha256(payload[i : i + block_size]).digest()
+                                             for i in range(0, len(payload), block_size)))
 
 
 def payload_bytes(bundle: VerifiedBundle) -> bytes:
@@ -185,7 +196,8 @@ def test_payload_changed_after_verification_fails(small_bundle: VerifiedBundle, 
     flip_payload_byte(small_bundle, b"A" * 1000)
     target = tmp_path / "target"
     target.mkdir()
-    with pytest.raises(Failed, match="^payload sha256 mismatch during extraction$"):
+    with pytest.raises(Failed, match=r"^payload sha256 mismatch during extraction: block 0 \(bytes 0-\d+\) changed "
+                                     r"after verification$"):
         extract_payload(small_bundle, target)
 
 
@@ -196,8 +208,8 @@ def test_compressed_payload_changed_after_verification_fails(sample_small_zstd: 
         f.write(bytes([data[len(data) // 2] ^ 0xFF]))
     target = tmp_path / "target"
     target.mkdir()
-    # The broken zstd stream makes the tar end early too; the hash is the reason given.
-    with pytest.raises(Failed, match="^payload sha256 mismatch during extraction$"):
+    # The changed block never reaches the decompressor; the hash is the reason given.
+    with pytest.raises(Failed, match=r"^payload sha256 mismatch during extraction: block 0 "):
         extract_payload(sample_small_zstd, target)
 
 

@@ -17,6 +17,7 @@ from vm.disk import DiskImage
 from vm.machine import Firmware, Machine
 
 from tests.vm.staging import INSTRUCTION, bad_bundles, partition_digest, read_result, sha256, stage
+from tests.reliability import Scenario, scenario  # noqa: F401  (the fixture, also without the plugin)
 from tests.vm.treecheck import acl_entries, check_installed, payload_tree
 
 KERNEL = 120.0  # power-on to the kernel's command line
@@ -178,25 +179,29 @@ def test_recovery_waits_for_a_disk_that_appears_late(
     m.power_cut()
 
 
-def _hostile_bundle(key: Path, tmp: Path) -> bytes:
-    """A validly signed bundle whose payload plants a symlink to the recovery's cfg mount and then
-    writes a file through it: only the extractor's own refusal stands between it and cfg."""
+def _hostile_bundle(key: Path, tmp: Path, entries: list[Any] | None = None, *, nbytes: int = 17 + 37) -> bytes:
+    """A validly signed bundle of a hand-made payload: by default one that plants a symlink to the
+    recovery's cfg mount and then writes a file through it. Only the extractor's own refusal stands
+    between it and cfg."""
     from recovery.bundle import Compression, Manifest, PayloadInfo
     from tests.unit.sample_tree import assemble_bundle, sign_manifest
     from tests.unit.test_hostile import Entry, tar
+    from tests.unit.test_install import block_digests
 
-    payload = tar(
-        Entry(b"./", b"5", mode=0o755),
-        Entry(b"./etc/", b"5", mode=0o755),
-        Entry(b"./etc/os-release", data=b"VERSION_ID=2.0.0\n"),
-        Entry(b"./escape", b"2", link=b"/run/recovery/cfg"),
-        Entry(b"./escape/pwned", data=b"written outside the system partition\n"),
-    )
+    if entries is None:
+        entries = [
+            Entry(b"./", b"5", mode=0o755),
+            Entry(b"./etc/", b"5", mode=0o755),
+            Entry(b"./etc/os-release", data=b"VERSION_ID=2.0.0\n"),
+            Entry(b"./escape", b"2", link=b"/run/recovery/cfg"),
+            Entry(b"./escape/pwned", data=b"written outside the system partition\n"),
+        ]
+    payload = tar(*entries)
     manifest = Manifest(
-        format=1, product=BUILT_PRODUCT, version="2.0.0", created="2026-01-01T00:00:00Z",
-        payload=PayloadInfo(name=Compression.none.payload_name, size=len(payload),
-                            sha256=sha256(payload), compression=Compression.none),
-        rootfs_files=5, rootfs_bytes=17 + 37,
+        format=2, product=BUILT_PRODUCT, version="2.0.0", created="2026-01-01T00:00:00Z",
+        payload=PayloadInfo(name=Compression.none.payload_name, size=len(payload), sha256=None,
+                            compression=Compression.none, blocks=block_digests(payload)),
+        rootfs_files=len(entries), rootfs_bytes=nbytes,
     ).to_json()
     members = [("manifest.json", manifest), ("manifest.json.sig", sign_manifest(manifest, key)),
                (Compression.none.payload_name, payload)]
@@ -224,6 +229,42 @@ def test_hostile_payload_writes_nothing_outside_the_system_partition(
     assert result["outcome"] == "failed" and "escape/pwned" in result["reason"], result
     assert vm_disk.read_file("cfg", INSTRUCTION) is not None  # failed: GRUB tries again
     assert {name: partition_digest(vm_disk, name) for name in others} == others
+
+
+def test_hard_link_to_a_symlink_changes_nothing_on_cfg(
+    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, tmp_path: Path, scenario: Scenario
+) -> None:
+    """The audit's payload: a symlink to a file on the recovery's cfg mount, then a hard link to that
+    symlink with mode 06777, one byte of data and an ACL record. libarchive would link the symlink and
+    chmod and set the ACL through it, on cfg."""
+    from tests.unit.test_hostile import Entry
+
+    scenario.name = "Security: hard link to a symlink onto cfg, in a real install under QEMU"
+    scenario.checked = ("the try fails with the reason before the link is made; the instruction file and cfg's "
+                        "recovery/ directory keep type, mode, owner, link count and xattrs (no ACL); nothing else "
+                        "but cfg changed")
+    acl = (b"SCHILY.acl.access", b"user::rwx,user:daemon:rwx:1,group::rwx,mask::rwx,other::rwx")
+    entries = [
+        Entry(b"./", b"5", mode=0o755),
+        Entry(b"./s", b"2", link=b"/run/recovery/cfg/update-instruction"),
+        Entry(b"./h", b"1", link=b"./s", mode=0o6777, data=b"x", pax=((b"size", b"1"), acl)),
+        Entry(b"./d", b"2", link=b"/run/recovery/cfg/recovery"),
+        Entry(b"./e", b"1", link=b"./d", mode=0o6777, data=b"x", pax=((b"size", b"1"), acl)),
+    ]
+    stage(vm_disk, _hostile_bundle(built_image.keys / "signing.pem", tmp_path, entries, nbytes=2))
+    victims = (INSTRUCTION, "/recovery")
+    before = {path: vm_disk.metadata("cfg", path) for path in victims}
+    assert all(before.values()), before
+    others = {name: partition_digest(vm_disk, name) for name in ("esp", "recovery", "storage")}
+    m = machine()
+    m.expect(r"recovery: erasing", RECOVERY)
+    failure = m.expect(r"recovery: failed: ([^\r\n]*)\r?\n", RECOVERY)
+    assert "hard link to ./s, which is not a regular file" in failure.group(1), failure.group(0)
+    m.expect(r"recovery: rebooting", RECOVERY)
+    m.power_cut()
+    assert {path: vm_disk.metadata("cfg", path) for path in victims} == before
+    assert {name: partition_digest(vm_disk, name) for name in others} == others
+    scenario.note(f"refused: {failure.group(1)}; cfg victims unchanged: {before}")
 
 
 # A file capability (cap_net_raw, permitted and effective, as `setcap cap_net_raw+ep` writes it), a
