@@ -33,6 +33,7 @@ $(VENV)/.stamp: pyproject.toml .stamp-debs
 VM_JOBS ?= 2
 test: setup
 	$(PY) -m pytest -q -p tests.reliability -m "not reliability" tests/unit
+	$(PY) -m pytest -q tests/bench
 	$(PY) -m pytest -q -p tests.reliability -m "not reliability" -n $(VM_JOBS) tests/vm
 
 test-unit: setup

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,14 +41,10 @@ def build(config: ImageConfig) -> BuildResult:
     from .bundle import create_bundle
 
     out = config.output
-    out.mkdir(parents=True, exist_ok=True)
-    work = out / ".work"
-    with step(f"Building {config.product} {config.version} ({config.firmware}) into {out}"):
-        _clean(work)
-        keys_dir, private = _signing_keys(config, out)
-        public = sorted(keys_dir.glob("*.pub"))
-        recovery_dir = _recovery_partition(config, public, out / "recovery", work)
+    with step(f"Building {config.product} {config.version} ({config.firmware}) into {out}"), \
+            _recovery_first(config) as (work, keys_dir, private, recovery_dir):
         base = build_system_base(config)
+        public = sorted(keys_dir.glob("*.pub"))
         bundles: dict[str, Path] = {}
         versions = list(dict.fromkeys([config.version, *config.releases]))
         for version in versions:
@@ -59,22 +57,29 @@ def build(config: ImageConfig) -> BuildResult:
             if version != config.version:
                 shutil.rmtree(tree)
         disk = _disk_image(config, out, work, recovery_dir, work / f"system-{config.version}")
-        _clean(work)
     log.info("built %s, %s, keys in %s", disk, ", ".join(str(b) for b in bundles.values()), keys_dir)
     return BuildResult(config=config, disk=disk, bundles=bundles, keys=keys_dir, recovery=recovery_dir)
 
 
 def build_recovery_only(config: ImageConfig) -> Path:
     """DIR/recovery/: vmlinuz, initrd.img, an ext4 image of the partition and the GRUB snippet."""
+    with step(f"Building the recovery partition of {config.product} into {config.output / 'recovery'}"), \
+            _recovery_first(config) as (_, _, _, recovery_dir):
+        return recovery_dir
+
+
+@contextmanager
+def _recovery_first(config: ImageConfig) -> Iterator[tuple[Path, Path, Path, Path]]:
+    """What both builds start with, in an empty work directory that is removed again at the end:
+    (work directory, keys directory, private key, the recovery partition's directory)."""
     out = config.output
     out.mkdir(parents=True, exist_ok=True)
     work = out / ".work"
-    with step(f"Building the recovery partition of {config.product} into {out / 'recovery'}"):
-        _clean(work)
-        keys_dir, _ = _signing_keys(config, out)
-        recovery_dir = _recovery_partition(config, sorted(keys_dir.glob("*.pub")), out / "recovery", work)
-        _clean(work)
-    return recovery_dir
+    _clean(work)
+    keys_dir, private = _signing_keys(config, out)
+    recovery_dir = _recovery_partition(config, sorted(keys_dir.glob("*.pub")), out / "recovery", work)
+    yield work, keys_dir, private, recovery_dir
+    _clean(work)
 
 
 def _recovery_partition(config: ImageConfig, keys: list[Path], dest: Path, work: Path) -> Path:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from recovery.feed import FEED_NAME, Version
 
-from . import VMError
+from . import VMError, deadlines
+from .deadlines import BOOT, KERNEL, RECOVERY
 from .disk import DiskImage
 from .machine import Firmware, Machine
 from .network import StaticServer, UserNetwork
@@ -29,10 +30,7 @@ if TYPE_CHECKING:
 FEED_HOST = "10.0.2.100"  # where the guest finds the published directory (a guestfwd, not a real host)
 FEED_URL = f"http://{FEED_HOST}/{FEED_NAME}"
 
-# Generous limits for TCG on a shared machine; a stage that takes longer is a failure, not a wait.
-BOOT = 600.0  # power-on to a ready system
-KERNEL = 120.0  # reboot to the next kernel
-RECOVERY = 300.0  # each step of the recovery
+# Generous limits for TCG on a shared machine, beside the boot's own (vm.deadlines).
 TRANSFER = 900.0  # download and verification of a bundle
 COMMAND = 120.0  # a quick command in the guest
 MiB = 1024 * 1024
@@ -151,7 +149,7 @@ class _Cycle:
 
     def ready(self, version: str, name: str) -> None:
         self.where = f"waiting for {self.product} {version}"
-        self.expect(re.escape(f"system {self.product} {version} ready"), BOOT)
+        self.expect(deadlines.ready(self.product, version), BOOT)
         self.narrator.mark(name, f"{self.product} {version} ready")
 
     def network(self) -> str:

@@ -24,6 +24,7 @@ from recovery.run import run
 
 from . import VMError
 from .drive import ImageFormat
+from .network import qemu_escape
 
 SECTOR = 512
 GPT_SIGNATURE = b"EFI PART"
@@ -38,10 +39,6 @@ class Partition:
     size: int  # bytes
     type_guid: str
     guid: str  # PARTUUID
-
-
-def _opts_value(value: str) -> str:
-    return value.replace(",", ",,")  # QEMU option syntax doubles commas in values
 
 
 @dataclass(frozen=True)
@@ -80,7 +77,7 @@ class DiskImage:
 
     def _range_opts(self, offset: int, size: int) -> str:
         """`--image-opts` for a raw view of bytes [offset, offset+size) of this image."""
-        filename = _opts_value(os.fspath(self.path))
+        filename = qemu_escape(os.fspath(self.path))
         if self.format is ImageFormat.raw:
             inner = f"file.driver=file,file.filename={filename}"
         else:

@@ -30,8 +30,9 @@ GUEST_NET = ipaddress.ip_network("10.0.2.0/24")  # slirp's default: gateway .2, 
 RELAY_CHUNK = 64 * 1024
 
 
-def _qemu_escape(value: str) -> str:
-    """QEMU's option parser ends a value at a comma; a doubled comma stands for one."""
+def qemu_escape(value: str) -> str:
+    """QEMU's option parser ends a value at a comma; a doubled comma stands for one (also for vm.disk:
+    this module stays standard-library only, as the relay script it also is)."""
     return value.replace(",", ",,")
 
 
@@ -57,7 +58,7 @@ class GuestForward:
 
     def option(self) -> str:
         command = shlex.join(self.relay_command())  # QEMU splits it like a shell would
-        return f"guestfwd=tcp:{self.guest_addr}:{self.guest_port}-cmd:{_qemu_escape(command)}"
+        return f"guestfwd=tcp:{self.guest_addr}:{self.guest_port}-cmd:{qemu_escape(command)}"
 
 
 @dataclass(frozen=True)

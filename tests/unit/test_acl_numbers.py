@@ -25,7 +25,7 @@ from recovery.errors import Failed, Rejected
 from recovery.install import apply_bundle, extract_payload
 from recovery.keys import Keyring
 
-from .test_install import raw_bundle
+from .payloads import raw_bundle
 
 UNKNOWN = "no-such-user-anywhere"
 

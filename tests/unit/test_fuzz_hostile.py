@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from recovery.errors import Failed
 from recovery.install import extract_payload
 
-from .test_hostile import Entry, _header, _pad, _pax_record, arena, extract_hostile, tar, tree_state  # noqa: F401
-from .test_install import raw_bundle
+from .payloads import Entry, _header, _pad, _pax_record, raw_bundle, tar, tree_state
+from .test_hostile import arena, extract_hostile  # noqa: F401  (a fixture and its helper)
 
 
 def _pax(records: bytes, entry: bytes) -> bytes:

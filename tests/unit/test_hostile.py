@@ -7,13 +7,9 @@ bundles whose payload hash is right: only the extractor stands between them and 
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
-import stat
 import subprocess
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,88 +18,7 @@ from recovery.bundle import Compression
 from recovery.errors import Failed
 from recovery.install import extract_payload
 
-from .test_install import raw_bundle
-
-MTIME = 1_700_000_000
-
-
-@dataclass(frozen=True)
-class Entry:
-    name: bytes
-    kind: bytes = b"0"  # ustar typeflag: 0 file, 1 hard link, 2 symlink, 5 directory
-    data: bytes = b""
-    link: bytes = b""
-    mode: int = 0o644
-    size: int | None = None  # what the header claims, if not len(data)
-    pax_path: bytes | None = None  # a pax `path` record overriding the header's name
-    pax: tuple[tuple[bytes, bytes], ...] = ()  # more pax records (`size`, `SCHILY.acl.access`, …)
-
-
-def _octal(value: int, width: int) -> bytes:
-    return b"%0*o\0" % (width - 1, value)
-
-
-def _header(name: bytes, kind: bytes, size: int, link: bytes = b"", mode: int = 0o644) -> bytes:
-    h = bytearray(512)
-    h[0:100] = name[:100].ljust(100, b"\0")
-    h[100:108] = _octal(mode, 8)
-    h[108:116] = _octal(0, 8)
-    h[116:124] = _octal(0, 8)
-    h[124:136] = _octal(size, 12)
-    h[136:148] = _octal(MTIME, 12)
-    h[148:156] = b" " * 8
-    h[156:157] = kind
-    h[157:257] = link[:100].ljust(100, b"\0")
-    h[257:265] = b"ustar\x0000"
-    h[265:269], h[297:301] = b"root", b"root"
-    h[148:156] = b"%06o\0 " % sum(h)
-    return bytes(h)
-
-
-def _pax_record(key: bytes, value: bytes) -> bytes:
-    """`<length> key=value\n`, where the length counts its own digits."""
-    rest = b" " + key + b"=" + value + b"\n"
-    length = len(rest) + 1
-    while len(str(length)) + len(rest) != length:
-        length = len(str(length)) + len(rest)
-    return b"%d%s" % (length, rest)
-
-
-def _pad(data: bytes) -> bytes:
-    return data + b"\0" * (-len(data) % 512)
-
-
-def tar(*entries: Entry, end: bool = True) -> bytes:
-    """A ustar/pax archive exactly as described, with no sanity applied."""
-    out = io.BytesIO()
-    for e in entries:
-        records = ((b"path", e.pax_path),) if e.pax_path is not None else ()
-        if records or e.pax:
-            body = b"".join(_pax_record(key, value) for key, value in (*records, *e.pax))
-            out.write(_header(b"PaxHeaders/x", b"x", len(body)) + _pad(body))
-        size = len(e.data) if e.size is None else e.size
-        out.write(_header(e.name, e.kind, size, e.link, e.mode) + _pad(e.data))
-    if end:
-        out.write(b"\0" * 1024)
-    return out.getvalue()
-
-
-def tree_state(root: Path) -> dict[str, tuple[int, int, int, str]]:
-    """Every path under root with mode, link count, mtime and content (or link target)."""
-    state = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames, "."]:
-            path = Path(dirpath, name)
-            st = path.lstat()
-            if stat.S_ISREG(st.st_mode):
-                what = hashlib.sha256(path.read_bytes()).hexdigest()
-            elif stat.S_ISLNK(st.st_mode):
-                what = os.readlink(path)
-            else:
-                what = ""
-            state[str(path)] = (st.st_mode, st.st_nlink, st.st_mtime_ns, what)
-    return state
-
+from .payloads import Entry, raw_bundle, tar, tree_state
 
 @pytest.fixture()
 def arena(tmp_path: Path) -> Path:

@@ -6,7 +6,6 @@ a program.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 import stat
@@ -19,13 +18,14 @@ import pytest
 
 from mkimage.bundle import create_bundle
 from recovery.bundle import (
-    BLOCK_SIZE, BlockDigests, Compression, Manifest, PayloadInfo, VerifiedBundle, verify_bundle,
+    Compression, VerifiedBundle, verify_bundle,
 )
 from recovery.errors import Failed, Rejected
 from recovery.install import ExtractStats, apply_bundle, erase, extract_payload, inodes_for
 from recovery.keys import Keyring
 from recovery.run import run
 
+from .payloads import payload_bytes
 from .sample_tree import (
     SAMPLE_BLOCK_DEVICE,
     SAMPLE_CAPABILITY,
@@ -48,36 +48,6 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: owners, d
 
 
 # --- helpers shared with test_hostile.py --------------------------------------------------------
-
-
-def raw_bundle(path: Path, payload: bytes, *, compression: Compression = Compression.none,
-               files: int = 1 << 20, nbytes: int = 1 << 60, offset: int = 0) -> VerifiedBundle:
-    """A VerifiedBundle for a bare payload written at `offset` of `path`, as verify_bundle would
-    return it: for archives that create_bundle would refuse to make (extract_payload trusts only what
-    the manifest says about the payload, so this is all it needs). The counts default to limits out of
-    the way of whatever else a test wants refused; tests of the counts give their own."""
-    path.write_bytes(b"\0" * offset + payload)
-    blocks = block_digests(payload)
-    manifest = Manifest(
-        format=2, product="hostile", version="1.0", created="2024-01-01T00:00:00Z",
-        payload=PayloadInfo(name=compression.payload_name, size=len(payload), sha256=None,
-                            compression=compression, blocks=blocks),
-        rootfs_files=files, rootfs_bytes=nbytes,
-    )
-    return VerifiedBundle(path=path, manifest=manifest, keyid="0" * 16, payload_offset=offset, sha256=None,
-                          blocks=blocks)
-
-
-def block_digests(payload: bytes, block_size: int = BLOCK_SIZE) -> BlockDigests:
-    """The payload's block list, as mkimage writes it into a format-2 manifest."""
-    return BlockDigests(block_size, b"".join(hashlib.sha256(payload[i : i + block_size]).digest()
-                                             for i in range(0, len(payload), block_size)))
-
-
-def payload_bytes(bundle: VerifiedBundle) -> bytes:
-    with open(bundle.path, "rb") as f:
-        f.seek(bundle.payload_offset)
-        return f.read(bundle.manifest.payload.size)
 
 
 class RecordingProgress:

@@ -28,8 +28,7 @@ from recovery.keys import Keyring
 from tests.reliability import Scenario, scenario  # noqa: F401  (the fixture, also without the plugin)
 from tests.unit.sample_tree import assemble_bundle, sign_manifest
 
-from .test_hostile import Entry, tar
-from .test_install import block_digests, raw_bundle
+from .payloads import Entry, block_digests, raw_bundle, tar
 
 GiB = 1 << 30
 MiB = 1 << 20

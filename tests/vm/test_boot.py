@@ -4,23 +4,22 @@ GRUB boots the recovery OS, counts its tries 1, 2, 3 in the instruction, then bo
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from recovery.instruction import Instruction, parse_instruction
+from vm import deadlines
+from vm.deadlines import BOOT, RECOVERY
 from vm.disk import DiskImage
 from vm.machine import Firmware, Machine
 
-BOOT = 600.0  # seconds to a ready system under TCG, generously
-RECOVERY = 240.0  # seconds from power-on to the recovery's first lines under TCG, generously
 INSTRUCTION = "/update-instruction"
 
 
 def ready_line(built: Any) -> str:
-    return re.escape(f"system {built.config.product} {built.config.version} ready")
+    return deadlines.ready(built.config.product, built.config.version)
 
 
 @pytest.mark.parametrize("firmware", list(Firmware))

@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 
 from recovery.run import run
+from vm import deadlines
+from vm.deadlines import BOOT, KERNEL, RECOVERY
 from vm.disk import DiskImage
 from vm.drive import Drive, blkdebug, inject_error
 from vm.machine import Machine
@@ -24,16 +26,13 @@ from tests.reliability import Scenario, scenario  # noqa: F401  (the fixture, al
 from tests.vm.staging import INSTRUCTION, partition_digest, read_result, stage
 from tests.vm.treecheck import check_installed
 
-KERNEL = 120.0
-RECOVERY = 300.0
-BOOT = 600.0
 SECTOR = 512
 MiB = 1024 * 1024
 BUNDLE = "/bundles/demo-appliance-2.0.0.bundle"
 
 
 def ready(built: Any, version: str) -> str:
-    return re.escape(f"system {built.config.product} {version} ready")
+    return deadlines.ready(built.config.product, version)
 
 
 def faulty(disk: DiskImage, *rules: dict[str, Any]) -> Drive:

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from mkimage.bundle import generate_keys
+from vm import deadlines
+from vm.deadlines import BOOT, KERNEL, RECOVERY
 from vm.disk import DiskImage
 from vm.machine import Firmware, Machine
 
@@ -20,13 +22,10 @@ from tests.vm.staging import INSTRUCTION, bad_bundles, partition_digest, read_re
 from tests.reliability import Scenario, scenario  # noqa: F401  (the fixture, also without the plugin)
 from tests.vm.treecheck import acl_entries, check_installed, payload_tree
 
-KERNEL = 120.0  # power-on to the kernel's command line
-RECOVERY = 300.0  # recovery start to its verdict under TCG, generously
-BOOT = 600.0  # power-on to a ready system under TCG
 
 
 def ready(built: Any, version: str) -> str:
-    return re.escape(f"system {built.config.product} {version} ready")
+    return deadlines.ready(built.config.product, version)
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +184,7 @@ def _hostile_bundle(key: Path, tmp: Path, entries: list[Any] | None = None, *, n
     between it and cfg."""
     from recovery.bundle import Compression, Manifest, PayloadInfo
     from tests.unit.sample_tree import assemble_bundle, sign_manifest
-    from tests.unit.test_hostile import Entry, tar
-    from tests.unit.test_install import block_digests
+    from tests.unit.payloads import Entry, block_digests, tar
 
     if entries is None:
         entries = [
@@ -237,7 +235,7 @@ def test_hard_link_to_a_symlink_changes_nothing_on_cfg(
     """The audit's payload: a symlink to a file on the recovery's cfg mount, then a hard link to that
     symlink with mode 06777, one byte of data and an ACL record. libarchive would link the symlink and
     chmod and set the ACL through it, on cfg."""
-    from tests.unit.test_hostile import Entry
+    from tests.unit.payloads import Entry
 
     scenario.name = "Security: hard link to a symlink onto cfg, in a real install under QEMU"
     scenario.checked = ("the try fails with the reason before the link is made; the instruction file and cfg's "

@@ -21,6 +21,8 @@ import pytest
 from recovery.errors import Rejected
 from recovery.instruction import parse_instruction
 from vm.console import ConsoleTimeout
+from vm import deadlines
+from vm.deadlines import BOOT, KERNEL, RECOVERY
 from vm.disk import DiskImage
 from vm.machine import Machine
 
@@ -28,9 +30,6 @@ from tests.reliability import Scenario, scenario  # noqa: F401  (the fixture, al
 from tests.vm.staging import INSTRUCTION, read_result, sha256, stage
 from tests.vm.treecheck import check_installed, differences, installed_tree, payload_tree
 
-KERNEL = 120.0  # power-on to the kernel's command line
-RECOVERY = 300.0  # recovery start to its verdict under TCG, generously
-BOOT = 600.0  # power-on to a ready system under TCG
 MARKER = "/recovery/system-incomplete"
 SEED = int(os.environ.get("RELIABILITY_SEED", "0")) or random.SystemRandom().randrange(1, 1 << 31)
 CHECKED = (
@@ -75,7 +74,7 @@ RANDOM_WINDOW = 90.0  # seconds after `recovery: starting` within which a random
 
 
 def ready(built: Any, version: str) -> str:
-    return re.escape(f"system {built.config.product} {version} ready")
+    return deadlines.ready(built.config.product, version)
 
 
 def last_line(m: Machine) -> str:

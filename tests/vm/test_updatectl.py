@@ -18,20 +18,19 @@ import pytest
 
 from tests.vm.staging import INSTRUCTION, read_result, stage
 from vm.demo import FEED_HOST, run_demo
+from vm import deadlines
+from vm.deadlines import BOOT, KERNEL, RECOVERY
 from vm.disk import DiskImage
 from vm.drive import Drive, blkdebug, inject_error
 from vm.machine import Firmware, Machine, qemu_available
 from vm.network import StaticServer, UserNetwork
 
-KERNEL = 120.0  # power-on or reboot to the recovery's first line
-RECOVERY = 300.0  # recovery start to its verdict under TCG, generously
-BOOT = 600.0  # power-on to a ready system under TCG
 TRANSFER = 900.0  # download and verification of a bundle in the guest
 BUNDLE = "demo-appliance-2.0.0.bundle"
 
 
 def ready(built: Any, version: str) -> str:
-    return re.escape(f"system {built.config.product} {version} ready")
+    return deadlines.ready(built.config.product, version)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,8 @@
-"""`python -m bench --quick` runs end to end on small inputs and reports every measurement."""
+"""`python -m bench --quick` runs end to end on small inputs and reports every measurement.
+
+Minutes, not seconds: its own folder and marker, so `tests/unit` stays fast (`make test` runs it as a
+step of its own).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.tree import SPECS, generate
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.bench
 def test_bench_quick(tmp_path: Path) -> None:
     report = tmp_path / "performance.md"
     proc = subprocess.run(
