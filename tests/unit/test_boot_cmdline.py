@@ -1,5 +1,5 @@
-"""The recovery's kernel command line: `Boot.parse` refusing what GRUB's scripts never write (issue 10,
-item 4: words in the instruction's try counter reached it), and PID 1's answer, the rescue shell.
+"""The recovery's kernel command line, both ends: what GRUB's scripts may put on it, and `Boot.parse`
+refusing what they never write (issue 10, item 4: words in the instruction's try counter reached it).
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from mkimage.grub import BOOTLOADER
 from recovery.cmdline import Boot, CommandLineRefused, kernel_parameters
 from recovery.init import Console, boot_from
 
@@ -125,3 +126,57 @@ def test_pid1_answers_a_refused_command_line_with_the_rescue_shell_and_one_line(
 def test_pid1_follows_a_command_line_grub_wrote(capsys: pytest.CaptureFixture[str]) -> None:
     assert boot_from(f"recovery.try=2 {CONSOLE}\n", Console()) == Boot(2, False)
     assert capsys.readouterr().out.splitlines() == ["recovery: starting (try 2)"]
+
+
+# --- GRUB's side ---------------------------------------------------------------------------------
+
+SCRIPTS = {p.name: p.read_text() for p in sorted(BOOTLOADER.glob("*.cfg"))}
+# Device names GRUB's `search` found (or `$root` from the early config): never text from a file.
+DEVICES = {"recoverydev", "systemdev"}
+EXPANSION = re.compile(r"\$\{?(\w+)\}?")
+
+
+def _words(line: str) -> list[str]:
+    """A GRUB command's words, double quotes kept: enough for the plain lines of our scripts."""
+    return re.findall(r'(?:"[^"]*"|[^\s"])+', line)
+
+
+def _kernel_lines() -> list[str]:
+    return [line.strip() for text in SCRIPTS.values() for line in text.splitlines()
+            if re.match(r"\s*(linux|initrd)\s", line)]
+
+
+def test_kernel_lines_expand_only_quoted_values_grub_made() -> None:
+    lines = _kernel_lines()
+    assert len(lines) >= 6  # system, recovery and rescue entries: a linux and an initrd line each
+    for line in lines:
+        for word in _words(line)[1:]:
+            names = set(EXPANSION.findall(word))
+            if not names:
+                continue
+            # Unquoted, GRUB would split a value into words, each a kernel argument.
+            assert word.startswith('"') and word.endswith('"'), f"unquoted expansion {word} in: {line}"
+            assert names <= DEVICES | {"recovery_count"}, f"{names - DEVICES} expanded in: {line}"
+
+
+def test_the_try_count_on_a_kernel_line_is_only_ever_a_literal() -> None:
+    text = SCRIPTS["recovery.cfg"]
+    sets = re.findall(r"^\s*set recovery_count=(.*)$", text, re.MULTILINE)
+    assert sets and set(sets) <= {"", "1", "2", "3"}, sets
+    # recovery_try comes from the instruction on cfg: GRUB may compare it, never pass it on.
+    for text in SCRIPTS.values():
+        for line in text.splitlines():
+            if "$recovery_try" in line or "${recovery_try}" in line:
+                assert re.fullmatch(
+                    r'\s*(if|elif) \[ ("\$recovery_try" = [123]|-z "\$recovery_try") \]; then', line
+                ), f"recovery_try used beyond a comparison: {line.strip()}"
+
+
+def test_the_recovery_command_lines_are_these_three() -> None:
+    """DESIGN.md's list: an install with its try, a rescue with its try, a rescue without one."""
+    linux = [_words(line) for line in _kernel_lines() if line.startswith("linux") and "recoverydev" in line]
+    assert sorted(" ".join(words[2:]) for words in linux) == sorted([
+        f'"recovery.try=$recovery_count" {CONSOLE}',
+        f'recovery.mode=rescue "recovery.try=$recovery_count" {CONSOLE}',
+        f"recovery.mode=rescue {CONSOLE}",
+    ])
