@@ -457,7 +457,8 @@ def main() -> None:
     try:
         _mount_api_filesystems()
         _attach_console()
-        boot = boot_from(Path("/proc/cmdline").read_text(), console)
+        # Bytes that are not UTF-8 must end in a refusal, not in a crash that reboots into the same.
+        boot = boot_from(Path("/proc/cmdline").read_text(errors="replace"), console)
         config = RecoveryConfig.load(DEFAULT_PATH)
         _start_udev(config.device_timeout)
         if boot.rescue:
