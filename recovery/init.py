@@ -18,11 +18,11 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from uuid import uuid4
 
 from .atomic import atomic_write, checkpoint_journal, durable_unlink
+from .cmdline import Boot, CommandLineRefused
 from .config import DEFAULT_PATH, RecoveryConfig
 from .errors import Failed, Rejected, UpdateError
 from .output import Progress
@@ -62,25 +62,6 @@ class _BufferHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.console.buffer.write(f"{time.strftime('%H:%M:%S')} {self.format(record)}\n")
-
-
-@dataclass(frozen=True)
-class Boot:
-    """What GRUB told us on the kernel command line."""
-
-    try_count: int = 1
-    rescue: bool = False
-
-    @classmethod
-    def parse(cls, cmdline: str) -> Boot:
-        try_count, rescue = 1, False
-        for word in cmdline.split():
-            key, _, value = word.partition("=")
-            if key == "recovery.try" and value.isdigit():
-                try_count = int(value)
-            elif key == "recovery.mode":
-                rescue = value == "rescue"
-        return cls(try_count=try_count, rescue=rescue)
 
 
 # --- the machine ------------------------------------------------------------------------------
@@ -452,6 +433,20 @@ def retry(cfg: Path | None = None) -> None:
     print("try counter cleared: the next boot tries the update again")
 
 
+def boot_from(cmdline: str, console: Console) -> Boot:
+    """The boot GRUB asked for, announced on the console. A command line Boot.parse refuses gets the
+    rescue shell and one line saying why: PID 1 cannot exit, and must not install on words GRUB did
+    not write."""
+    try:
+        boot, refused = Boot.parse(cmdline), None
+    except CommandLineRefused as e:
+        boot, refused = Boot(rescue=True), str(e)
+    console.say(f"recovery: starting (try {boot.try_count})")
+    if refused is not None:
+        console.say(f"recovery: kernel command line refused: {refused}; rescue shell")
+    return boot
+
+
 def main() -> None:
     """PID 1. Every path ends in reboot(2); if even that fails, a shell, forever."""
     console = Console()
@@ -462,8 +457,8 @@ def main() -> None:
     try:
         _mount_api_filesystems()
         _attach_console()
-        boot = Boot.parse(Path("/proc/cmdline").read_text())
-        console.say(f"recovery: starting (try {boot.try_count})")
+        # Bytes that are not UTF-8 must end in a refusal, not in a crash that reboots into the same.
+        boot = boot_from(Path("/proc/cmdline").read_text(errors="replace"), console)
         config = RecoveryConfig.load(DEFAULT_PATH)
         _start_udev(config.device_timeout)
         if boot.rescue:

@@ -77,7 +77,6 @@ def test_atomic_write_into_missing_directory_fails_cleanly(tmp_path: Path) -> No
         ("console=ttyS0 recovery.try=2 quiet", Boot(2, False)),
         ("recovery.mode=rescue recovery.try=3", Boot(3, True)),
         ("console=ttyS0", Boot(1, False)),
-        ("recovery.try=x", Boot(1, False)),
     ],
 )
 def test_boot_parse(cmdline: str, boot: Boot) -> None:
