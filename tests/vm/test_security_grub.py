@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vm.deadlines import RECOVERY
 from vm.disk import DiskImage
 from vm.machine import Machine
 
@@ -20,7 +21,7 @@ from tests.reliability import Scenario, scenario  # noqa: F401  (the fixture, al
 from recovery.instruction import Instruction
 from tests.vm.staging import INSTRUCTION, stage
 
-RECOVERY = 300.0  # seconds from power-on to the recovery's first lines under TCG, generously
+
 HOSTILE_TRY = "x recovery.mode=install init=/bin/sh"
 # The recovery's first line that shows which way it went: the rescue shell, or an install begun.
 FIRST_STEP = r"recovery: (rescue shell|verifying|kernel command line refused)[^\r\n]*\r?\n"
