@@ -127,7 +127,7 @@ single runs scatter widely; the median is the goal's measure, min and max show t
 """
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
@@ -139,130 +139,151 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image", type=Path,
                    help="boot this finished `mkimage build` output instead of building (skips the build figures)")
     p.add_argument("--only", help=f"comma-separated sections to run, of: {', '.join(SECTIONS)} (default all)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if args.cache is not None:
-        trees.CACHE = args.cache
-    output = args.output if args.output or args.quick else REPO / "docs" / "performance.md"
-    scratch = trees.CACHE / "scratch"
-    sections = set(args.only.split(",")) if args.only else set(SECTIONS)
-    if unknown := sections - set(SECTIONS):
-        p.error(f"unknown sections: {', '.join(sorted(unknown))}")
-    if args.quick:
-        sections &= {"files", "erase"}
+    return p
 
-    def say(msg: str) -> None:
-        print(f"bench: {msg}", file=sys.stderr, flush=True)
 
-    host = this_host()
-    r: dict[str, object] = {}
-    main_inputs: Inputs | None = None
-    if "files" in sections or (args.quick and "erase" in sections):
-        say("preparing inputs (cached after the first run)")
-        main_inputs = prepare("quick" if args.quick else "standard")
-    if "files" in sections:
-        assert main_inputs is not None
-        memory_inputs = [main_inputs] if args.quick else [prepare("100m"), prepare("1g")]
+def say(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+VM_SECTIONS = {"phase", "boot", "memory", "cycle"}
+
+
+class Bench:
+    """One run of the benchmark: the sections asked for, measured into `results` in order."""
+
+    def __init__(self, args: argparse.Namespace, sections: set[str]) -> None:
+        self.args, self.sections = args, sections
+        self.scratch = trees.CACHE / "scratch"
+        self.results = Results(host=this_host())
+        self.inputs: Inputs | None = None
+        self.image: BuildResult | None = None
+
+    def run(self) -> Results:
+        if "files" in self.sections or (self.args.quick and "erase" in self.sections):
+            say("preparing inputs (cached after the first run)")
+            self.inputs = prepare("quick" if self.args.quick else "standard")
+        if "files" in self.sections:
+            self.files()
+        self.image = self.open_image()
+        if "erase" in self.sections:
+            self.attempt("erase", self.erase)
+        if self.image is not None and self.sections & VM_SECTIONS:
+            self.vm_figures(self.image)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        return self.results
+
+    def files(self) -> None:
+        """Extraction, verification and peak memory, side by side with GNU tar and sha256sum."""
+        assert self.inputs is not None
+        r, repeat = self.results, self.args.repeat
         say("extraction: ours vs GNU tar")
-        r["extract"] = measure_extract(main_inputs, scratch, args.repeat)
+        r.extract = measure_extract(self.inputs, self.scratch, repeat)
         say("verification: recovery verify vs sha256sum")
-        r["verify"] = measure_verify(main_inputs, args.repeat)
-        memory = []
-        for inputs in memory_inputs:
+        r.verify = measure_verify(self.inputs, repeat)
+        for inputs in [self.inputs] if self.args.quick else [prepare("100m"), prepare("1g")]:
             say(f"peak memory: verify and apply of the {inputs.name} bundle")
-            memory.append((inputs, *measure_memory(inputs, scratch)))
-        r["memory"] = memory
-        r["main"] = main_inputs
+            r.memory.append((inputs, *measure_memory(inputs, self.scratch)))
+        r.main = self.inputs
 
-    image = None
-    needs_image = sections & {"phase", "boot", "memory", "cycle"} or ("erase" in sections and not args.quick)
-    if args.image is not None:
-        image = vm.open_image(args.image)
-        r["image"] = f"{args.image} (given with --image)"
-    elif "build" in sections:
-        out = trees.CACHE / "image"
-        say("mkimage build: cold (empty cache, downloads Debian packages), then warm")
-        r["build"] = build_times(out, trees.CACHE / "mkimage-cache", warm_runs=args.vm_repeat)
-        image = vm.open_image(out)
-        r["image"] = "the demo image this run built (warm `mkimage build`)"
-    elif needs_image:
-        p.error("the VM and erase measurements need an image: include the build section or give --image")
-    if image is not None:
-        r["recovery_os"] = recovery_size(image.recovery)
+    def open_image(self) -> BuildResult | None:
+        """The demo image the VM and erase figures need: given, or built (which measures the build)."""
+        args, r = self.args, self.results
+        image = None
+        if args.image is not None:
+            image = vm.open_image(args.image)
+            r.image = f"{args.image} (given with --image)"
+        elif "build" in self.sections:
+            out = trees.CACHE / "image"
+            say("mkimage build: cold (empty cache, downloads Debian packages), then warm")
+            r.build = build_times(out, trees.CACHE / "mkimage-cache", warm_runs=args.vm_repeat)
+            image = vm.open_image(out)
+            r.image = "the demo image this run built (warm `mkimage build`)"
+        elif self.sections & VM_SECTIONS or ("erase" in self.sections and not args.quick):
+            _parser().error("the VM and erase measurements need an image: include the build section or give --image")
+        if image is not None:
+            r.recovery_os = recovery_size(image.recovery)
+        return image
 
-    errors: list[str] = []
-
-    def attempt(what: str, measure: Callable[[], None]) -> None:
+    def attempt(self, what: str, measure: Callable[[], None]) -> None:
         """A VM measurement that breaks off (a guest hung, QEMU died) is reported, not fatal to the rest."""
         try:
             measure()
         except Exception as e:  # the report names it; the other figures are still worth having
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            errors.append(f"{what}: {type(e).__name__}: {first}")
+            self.results.errors.append(f"{what}: {type(e).__name__}: {first}")
             say(f"{what} broke off: {first}")
 
-    def erasing() -> None:
-        if args.quick:
-            assert main_inputs is not None
-            tree, what, size = main_inputs.tree.path, "the quick tree", 64 * MiB
+    def erase(self) -> None:
+        if self.args.quick:
+            assert self.inputs is not None
+            tree, what, size = self.inputs.tree.path, "the quick tree", 64 * MiB
         else:
-            assert image is not None
-            tree, what, size = demo_tree(image, scratch), "the demo's 2.0.0 system tree", image.config.partitions.system
+            assert self.image is not None
+            tree, what = demo_tree(self.image, self.scratch), "the demo's 2.0.0 system tree"
+            size = self.image.config.partitions.system
         say(f"erase vs rm -rf of {what}")
-        r["erase"] = measure_erase(tree, scratch / "erase", size, max(args.repeat, 5))
-        r["erase_input"] = what
+        self.results.erase = measure_erase(tree, self.scratch / "erase", size, max(self.args.repeat, 5))
+        self.results.erase_input = what
 
-    if "erase" in sections:
-        attempt("erase", erasing)
-
-    if image is not None and sections & {"phase", "boot", "memory", "cycle"}:
+    def vm_figures(self, image: BuildResult) -> None:
+        """The recovery phase, boot times, the memory floor and the whole cycle, under QEMU."""
         g = vm.Guest(image, vm.workdir(trees.CACHE / "vm"))
-        r["accel"] = str(vm.accel())
+        r, repeat = self.results, self.args.vm_repeat
+        r.accel = str(vm.accel())
 
         def phase() -> None:
-            runs = []
-            for i in range(args.vm_repeat):
-                runs.append(vm.recovery_phase(g))
-                say(f"recovery phase, run {i + 1}/{args.vm_repeat}: {runs[-1].phase:.1f} s")
-            r["phase"] = runs
+            for i in range(repeat):
+                r.phase.append(vm.recovery_phase(g))
+                say(f"recovery phase, run {i + 1}/{repeat}: {r.phase[-1].phase:.1f} s")
 
         def boot() -> None:
-            boots: dict[tuple[str, str], list[float]] = {}
-            r["boots"] = boots
             for firmware in (vm.Firmware.bios, vm.Firmware.uefi):
                 for target in ("recovery", "ready"):
-                    values = [vm.seconds_to(g, firmware, target) for _ in range(args.vm_repeat)]
-                    boots[(str(firmware), target)] = values
+                    values = r.boots[(str(firmware), target)] = [vm.seconds_to(g, firmware, target) for _ in range(repeat)]
                     say(f"boot {firmware} to {target}: {statistics.median(values):.1f} s")
 
         def memory() -> None:
             say("smallest guest memory: installs from 512 MiB down")
-            r["guest_memory"] = vm.smallest_memory(g, say=say)
+            r.guest_memory = vm.smallest_memory(g, say=say)
 
         def cycle() -> None:
-            cycles = []
-            for i in range(max(2, args.vm_repeat - 1)):
-                cycles.append(vm.demo_cycle(g))
-                say(f"full cycle, run {i + 1}: {cycles[-1].total:.0f} s")
-            r["cycle"] = cycles
+            for i in range(max(2, repeat - 1)):
+                r.cycle.append(vm.demo_cycle(g))
+                say(f"full cycle, run {i + 1}: {r.cycle[-1].total:.0f} s")
 
         for name, measure in (("phase", phase), ("boot", boot), ("memory", memory), ("cycle", cycle)):
-            if name in sections:
-                attempt(name, measure)
-    r["errors"] = errors
-    shutil.rmtree(scratch, ignore_errors=True)
+            if name in self.sections:
+                self.attempt(name, measure)
 
-    results = Results(host=host, **r)  # type: ignore[arg-type]
+
+def write_report(results: Results, output: Path | None) -> None:
     report = render(results)
     print(report)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(DOC_HEAD + report)
-        say(f"wrote {output}")
-        if results.phase:
-            plot = output.with_name(TIMELINE)
-            plot.write_text(svg(median_run(results.phase), "The recovery phase under TCG (median run)"))
-            say(f"wrote {plot}")
+    if output is None:
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(DOC_HEAD + report)
+    say(f"wrote {output}")
+    if results.phase:
+        plot = output.with_name(TIMELINE)
+        plot.write_text(svg(median_run(results.phase), "The recovery phase under TCG (median run)"))
+        say(f"wrote {plot}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.cache is not None:
+        trees.CACHE = args.cache
+    sections = set(args.only.split(",")) if args.only else set(SECTIONS)
+    if unknown := sections - set(SECTIONS):
+        p.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    if args.quick:
+        sections &= {"files", "erase"}
+    results = Bench(args, sections).run()
+    write_report(results, args.output if args.output or args.quick else REPO / "docs" / "performance.md")
     return 0
 
 

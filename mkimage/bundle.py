@@ -22,11 +22,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
-import libarchive
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from libarchive import ffi
 
 from recovery.bundle import (
     BLOCK_SIZE, MAX_MANIFEST, BlockDigests,
@@ -34,6 +31,9 @@ from recovery.bundle import (
 )
 from recovery.acl import USER, AclEntry, acl_entries, has_acl, number_acl, without_id
 from recovery.atomic import atomic_write, fsync_dir
+from recovery.libarchive_api import (
+    ArchiveError, PaxWriter, TarReader, entry_hardlink, entry_pathname, entry_size, is_regular,
+)
 from recovery.errors import Rejected
 from recovery.keys import keyid, load_private_key, private_key_pem, public_key_pem, raw_public_key
 from recovery.output import step
@@ -162,17 +162,17 @@ def _payload_from_directory(source: Path, payload: Path, comp: Compression) -> N
 
 def _payload_from_tar(source: Path, payload: Path, comp: Compression) -> None:
     name, options = _LIBARCHIVE_FILTER.get(comp, (None, ""))
-    try:
-        with _quiet_libarchive(), libarchive.file_reader(os.fspath(source), "tar") as reader, \
-                libarchive.file_writer(os.fspath(payload), "pax", name, options=options) as writer:
-            def check(entry: Any) -> None:
-                _check_entry_path(entry.pathname, source)
-                if entry.islnk:
-                    _check_entry_path(entry.linkpath, source)
 
+    def check(entry: int) -> None:
+        _check_entry_path(entry_pathname(entry), source)
+        if (link := entry_hardlink(entry)) is not None:
+            _check_entry_path(link, source)
+
+    try:
+        with TarReader(source) as reader, PaxWriter(payload, name, options) as writer:
             _copy_entries(reader, writer, check)
-    except libarchive.ArchiveError as e:
-        raise Rejected(f"cannot read {source} as a tar archive: {e.msg or e}") from None
+    except ArchiveError as e:
+        raise Rejected(f"cannot read {source} as a tar archive: {e}") from None
 
 
 def _check_entry_path(name: str | bytes | None, source: Path) -> None:
@@ -194,15 +194,15 @@ def _count(payload: Path) -> tuple[int, int, tuple[str, AclEntry] | None]:
     files = nbytes = 0
     unnumbered: tuple[str, AclEntry] | None = None
     try:
-        with _quiet_libarchive(), libarchive.file_reader(os.fspath(payload), "tar") as reader:
+        with TarReader(payload) as reader:
             for entry in reader:
                 files += 1
-                if entry.isreg and not entry.islnk:
-                    nbytes += entry.size or 0
-                if unnumbered is None and has_acl(entry._entry_p) and (bad := without_id(acl_entries(entry._entry_p))):
-                    unnumbered = (entry.pathname, bad[0])
-    except libarchive.ArchiveError as e:
-        raise Rejected(f"the payload just written cannot be read back: {e.msg or e}") from None
+                if is_regular(entry):
+                    nbytes += entry_size(entry)
+                if unnumbered is None and has_acl(entry) and (bad := without_id(acl_entries(entry))):
+                    unnumbered = (os.fsdecode(entry_pathname(entry) or b""), bad[0])
+    except ArchiveError as e:
+        raise Rejected(f"the payload just written cannot be read back: {e}") from None
     return files, nbytes, unnumbered
 
 
@@ -219,25 +219,20 @@ def _number_acls(payload: Path, comp: Compression, source: Path) -> None:
     name, options = _LIBARCHIVE_FILTER.get(comp, (None, ""))
     numbered = payload.with_name(payload.name + ".numbered")
     try:
-        with _quiet_libarchive(), libarchive.file_reader(os.fspath(payload), "tar") as reader, \
-                libarchive.file_writer(os.fspath(numbered), "pax", name, options=options) as writer:
-            _copy_entries(reader, writer, lambda entry: number_acl(entry._entry_p, resolve))
+        with TarReader(payload) as reader, PaxWriter(numbered, name, options) as writer:
+            _copy_entries(reader, writer, lambda entry: number_acl(entry, resolve))
         os.replace(numbered, payload)
     finally:
         with contextlib.suppress(FileNotFoundError):
             numbered.unlink()
 
 
-def _copy_entries(reader: Any, writer: Any, each: Callable[[Any], object]) -> None:
+def _copy_entries(reader: TarReader, writer: PaxWriter, each: Callable[[int], object]) -> None:
     """Every entry of `reader` into `writer` as pax, after `each(entry)` (which may change it)."""
-    write_p = writer._pointer
     for entry in reader:
         each(entry)
-        ffi.write_header(write_p, entry._entry_p)
         # read_data fills sparse holes with zeros; the pax writer skips them again by the entry's map.
-        for block in entry.get_blocks(CHUNK):
-            ffi.write_data(write_p, block, len(block))
-        ffi.write_finish_entry(write_p)
+        writer.copy(entry, reader.data(CHUNK))
 
 
 def _block_digests(path: Path) -> tuple[int, BlockDigests]:
@@ -302,15 +297,3 @@ def _temp_next_to(output: Path, suffix: str) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-
-
-@contextlib.contextmanager
-def _quiet_libarchive() -> Iterator[None]:
-    """libarchive warns for every name that is not UTF-8; such names are legal in a root file system."""
-    logger = logging.getLogger("libarchive")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)

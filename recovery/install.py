@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING
 
 from .acl import acl_entries, has_acl, without_id
 from .errors import Failed, Rejected
-from .libarchive_api import ARCHIVE_EOF, ARCHIVE_FATAL, ARCHIVE_OK, ARCHIVE_WARN, fn
+from .libarchive_api import (
+    ARCHIVE_EOF, ARCHIVE_FATAL, ARCHIVE_OK, ARCHIVE_WARN, entry_filetype, entry_hardlink, entry_pathname, entry_size, fn,
+)
 from .mounts import mounted_at
 from .output import Progress
 from .run import run
@@ -68,10 +70,7 @@ class _A:
     write_free = fn("write_free", c_int, c_void_p)
     error_string = fn("error_string", c_char_p, c_void_p)
     errno = fn("errno", c_int, c_void_p)
-    pathname = fn("entry_pathname", c_char_p, c_void_p)
-    hardlink = fn("entry_hardlink", c_char_p, c_void_p)
-    filetype = fn("entry_filetype", c_int, c_void_p)
-    size = fn("entry_size", c_longlong, c_void_p)
+    pathname, hardlink, filetype, size = entry_pathname, entry_hardlink, entry_filetype, entry_size
     mtime = fn("entry_mtime", c_longlong, c_void_p)
     mtime_nsec = fn("entry_mtime_nsec", ctypes.c_long, c_void_p)
     atime = fn("entry_atime", c_longlong, c_void_p)

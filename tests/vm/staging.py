@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from recovery.instruction import Instruction
+from recovery.run import run
 from tests.unit.sample_tree import assemble_bundle, bundle_members, sign_manifest
 from vm.disk import DiskImage
 
@@ -21,6 +22,19 @@ MiB = 1024 * 1024
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def unmounted_cleanly(disk: DiskImage, name: str) -> bool:
+    """Whether the ext4 file system of partition `name` was last unmounted cleanly: its superblock, read
+    from an exported copy without replaying anything, does not ask for journal recovery."""
+    part = disk.partition(name)
+    with tempfile.TemporaryDirectory(dir=disk.path.parent) as tmp:
+        copy = Path(tmp) / "part"
+        disk.export_range(part.start, part.size, copy)
+        out = run(["dumpe2fs", "-h", copy]).stdout.decode(errors="replace")
+    features = next((line for line in out.splitlines() if line.startswith("Filesystem features:")), None)
+    assert features is not None, out
+    return "needs_recovery" not in features.split()
 
 
 def partition_digest(disk: DiskImage, name: str) -> str:
