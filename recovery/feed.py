@@ -1,4 +1,4 @@
-"""Release feeds: `releases.json`, signed like a bundle's manifest (`releases.json.sig`), and version order.
+"""Release feeds: `releases.json`, signed like a bundle's manifest (`releases.json.sig`).
 
 `mkimage publish` writes a feed; `updatectl check` and `install --latest` read one. Nothing in a feed
 is believed before its signature is checked against the system's keyring.
@@ -10,61 +10,18 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from functools import total_ordering
-from typing import Any
 
 from .bundle import Signature
 from .download import Source, fetch
 from .errors import Rejected
 from .keys import Keyring
+from .version import Version
 
 FEED_NAME = "releases.json"
 SIGNATURE_SUFFIX = ".sig"
 FORMAT = 1
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_PART = re.compile(r"\d+|[A-Za-z]+")
-
-
-@total_ordering
-@dataclass(frozen=True)
-class Version:
-    """A release version compared the way people read them: `1.10.0 > 1.9.0`, `2.0.0 > 2.0.0-rc1`.
-
-    The release part (before `-` or `+`) compares by its dotted parts, numbers as numbers; a version
-    with a pre-release suffix sorts before the same version without one; `+build` data is ignored.
-    """
-
-    text: str
-
-    @staticmethod
-    def _parts(text: str) -> tuple[tuple[int, int | str], ...]:
-        # A word sorts before a number at the same position: `1.0.beta` < `1.0.1`, as people read it.
-        return tuple((1, int(p)) if p.isdigit() else (0, p.lower()) for p in _PART.findall(text))
-
-    def _key(self) -> tuple[Any, ...]:
-        core, _, _build = self.text.partition("+")
-        release, dash, pre = core.partition("-")
-        parts = list(self._parts(release))
-        while parts and parts[-1] == (1, 0):  # 1.0 == 1.0.0
-            parts.pop()
-        return (tuple(parts), (0, self._parts(pre)) if dash else (1, ()))
-
-    def __lt__(self, other: object) -> bool:
-        if not isinstance(other, Version):
-            return NotImplemented
-        return self._key() < other._key()
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Version):
-            return NotImplemented
-        return self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __str__(self) -> str:
-        return self.text
 
 
 @dataclass(frozen=True)
