@@ -1,7 +1,9 @@
 """Release feeds: `releases.json`, signed like a bundle's manifest (`releases.json.sig`).
 
 `mkimage publish` writes a feed; `updatectl check` and `install --latest` read one. Nothing in a feed
-is believed before its signature is checked against the system's keyring.
+is believed before its signature is checked against the system's keyring. A feed carries the time it
+was published (`updated`) and may carry the time it stops being good (`expires`), both signed, so
+that an old feed served again can be told from the current one (recovery/feedstate.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,27 @@ SIGNATURE_SUFFIX = ".sig"
 FORMAT = 1
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _show(value: object) -> str:
+    """A value from a feed quoted for a one-line message: escaped (repr shows controls as \\x1b), shortened."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "…"
+
+
+def parse_time(text: object, what: str) -> datetime:
+    """An ISO 8601 time with its offset (`2026-01-02T03:04:05+00:00`, `…Z`); Rejected otherwise.
+
+    The offset is required: a feed's times are compared with other machines' clocks."""
+    try:
+        if not isinstance(text, str):
+            raise ValueError
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise Rejected(f"release feed: {what} {_show(text)} is not an ISO 8601 time") from None
+    if when.tzinfo is None:
+        raise Rejected(f"release feed: {what} {_show(text)} has no time zone offset (write it in UTC, +00:00)")
+    return when
 
 
 @dataclass(frozen=True)
@@ -70,7 +93,8 @@ class Release:
 class Feed:
     product: str
     releases: tuple[Release, ...]
-    updated: str | None = None
+    updated: str | None = None  # when it was published; None only in feeds of older publishers
+    expires: str | None = None  # when it stops being good; None: never
 
     def newest(self) -> Release | None:
         return max(self.releases, key=lambda r: r.key, default=None)
@@ -80,13 +104,19 @@ class Feed:
 
     def to_json(self) -> bytes:
         """The exact bytes that get published and signed; releases newest first, for people reading it."""
-        doc = {
-            "format": FORMAT,
-            "product": self.product,
-            "updated": self.updated,
-            "releases": [asdict(r) for r in sorted(self.releases, key=lambda r: r.key, reverse=True)],
-        }
+        doc: dict[str, object] = {"format": FORMAT, "product": self.product, "updated": self.updated}
+        if self.expires is not None:
+            doc["expires"] = self.expires
+        doc["releases"] = [asdict(r) for r in sorted(self.releases, key=lambda r: r.key, reverse=True)]
         return (json.dumps(doc, indent=2) + "\n").encode()
+
+    @property
+    def updated_at(self) -> datetime | None:
+        return None if self.updated is None else parse_time(self.updated, "updated")
+
+    @property
+    def expires_at(self) -> datetime | None:
+        return None if self.expires is None else parse_time(self.expires, "expires")
 
     @classmethod
     def parse(cls, raw: bytes) -> Feed:
@@ -105,14 +135,22 @@ class Feed:
         releases = doc.get("releases")
         if not isinstance(releases, list):
             raise Rejected("release feed has no releases list")
-        updated = doc.get("updated")
+        # Absent (or null) only in feeds of publishers older than `updated`; what that means for a
+        # system that has seen dated feeds is feedstate's decision, not the parser's.
+        updated, expires = doc.get("updated"), doc.get("expires")
+        updated_at = None if updated is None else parse_time(updated, "updated")
+        if expires is not None:
+            if updated_at is None:
+                raise Rejected("release feed: expires without updated")
+            if parse_time(expires, "expires") <= updated_at:
+                raise Rejected(f"release feed: expires {expires} is not after updated {updated}")
         parsed = tuple(Release.from_dict(r, i) for i, r in enumerate(releases))
         seen: set[str] = set()
         for r in parsed:
             if r.version in seen:
                 raise Rejected(f"release feed lists version {r.version} twice")
             seen.add(r.version)
-        return cls(product, parsed, updated if isinstance(updated, str) else None)
+        return cls(product, parsed, updated, expires)
 
 
 def feed_source(location: str) -> Source:
