@@ -27,6 +27,7 @@ from recovery.bundle import Signature, verify_bundle
 from recovery.errors import Failed, Rejected
 from recovery.feed import FEED_NAME, SIGNATURE_SUFFIX, Feed, Release, verify_feed
 from recovery.keys import Keyring, keyid, load_private_key, raw_public_key
+from recovery.output import control_characters
 from recovery.status import now
 from recovery.version import Version
 
@@ -58,7 +59,8 @@ def publish(
 
     `notes` maps versions to release notes, `newest_notes` are those of the newest bundle given (what
     `--notes FILE` means); a version neither published now nor in the feed is an error, since a typo
-    would otherwise vanish without a word.
+    would otherwise vanish without a word. Notes with control characters other than newline and tab
+    are refused: they would break the RSS and act on the terminals the notes are printed to.
     `expires`: how long the feed stays good after this publish (never, when None).
     """
     if not bundles:
@@ -94,6 +96,7 @@ def publish(
 
     releases = [replace(r, notes=notes.get(r.version, r.notes)) for r in kept]
     releases += [replace(r, notes=notes.get(r.version, "")) for _, r in new]
+    _plain_notes(releases)
     updated = now()
     before = previous.updated_at if previous is not None else None
     if before is not None and before > datetime.fromisoformat(updated):
@@ -126,6 +129,13 @@ def _no_duplicates(releases: Sequence[Release]) -> None:
             raise Rejected(f"two bundles named {r.file} ({files[r.file]} and {r.version}): rename one")
         versions[r.version] = r.file
         files[r.file] = r.version
+
+
+def _plain_notes(releases: Sequence[Release]) -> None:
+    for r in sorted(releases, key=lambda r: r.key):
+        if found := control_characters(r.notes):
+            raise Rejected(f"release notes of {r.version} contain control characters ({', '.join(found)}): "
+                           "only newline and tab are allowed")
 
 
 def parse_duration(text: str) -> timedelta:

@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
-from .bundle import Signature
+from .bundle import _NAME, Signature
 from .download import Source, fetch
 from .errors import Rejected
 from .keys import Keyring
@@ -66,10 +66,15 @@ class Release:
             raise Rejected(f"{what} lacks {', '.join(missing)}")
         version, file, size, sha256 = data["version"], data["file"], data["size"], data["sha256"]
         created, notes = data["created"], data.get("notes", "")
-        if not isinstance(version, str) or not version:
-            raise Rejected(f"{what}: version must be a non-empty string")
+        # The bundle manifest's rule: a version the feed may name is one a bundle can carry, and
+        # nothing in it can act on the terminal `updatectl check` prints it to.
+        if not isinstance(version, str) or not _NAME.fullmatch(version):
+            raise Rejected(f"{what}: version {_show(version)} must be 1-128 of A-Z a-z 0-9 . _ + ~ : - "
+                           "starting with a letter or digit")
         if not isinstance(file, str) or not file:
             raise Rejected(f"{what}: file must be a non-empty string")
+        if not file.isprintable():
+            raise Rejected(f"{what}: file {_show(file)} contains control characters")
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
             raise Rejected(f"{what}: size must be a positive number of bytes")
         if not isinstance(sha256, str) or not _HEX64.fullmatch(sha256):
@@ -132,6 +137,9 @@ class Feed:
         product = doc.get("product")
         if not isinstance(product, str) or not product:
             raise Rejected("release feed names no product")
+        if not _NAME.fullmatch(product):
+            raise Rejected(f"release feed: product {_show(product)} must be 1-128 of A-Z a-z 0-9 . _ + ~ : - "
+                           "starting with a letter or digit")
         releases = doc.get("releases")
         if not isinstance(releases, list):
             raise Rejected("release feed has no releases list")

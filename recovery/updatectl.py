@@ -30,7 +30,7 @@ from .feed import Feed, Release, load_feed
 from .feedstate import check_fresh, read_state, remember
 from .instruction import Instruction, read_instruction, write_instruction
 from .keys import Keyring
-from .output import Progress, step
+from .output import Progress, step, strip_controls
 from .run import run
 from .status import read_result
 from .sysconfig import SystemConfig
@@ -300,7 +300,7 @@ def _finish(args: argparse.Namespace, updater: Updater, staged: Staged) -> int:
 def _up_to_date(running: str | None, newest: Release) -> str:
     older = running is not None and Version(newest.version) < Version(running)
     hint = " (older: --allow-downgrade installs it)" if older else ""
-    return f"up to date: {running} is running, the newest release is {newest.version}{hint}"
+    return f"up to date: {running} is running, the newest release is {strip_controls(newest.version)}{hint}"
 
 
 def cmd_install(args: argparse.Namespace) -> int:
@@ -322,10 +322,12 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     _feed, _source, newest, running = _updater(args).check(args.feed)
+    # Everything printed from the feed goes through strip_controls: a signed feed is the publisher's
+    # word on releases, not a licence to drive this terminal.
     if newer(newest, running):
-        print(f"update available: {newest.version} (running {running or 'an unknown version'})")
+        print(f"update available: {strip_controls(newest.version)} (running {running or 'an unknown version'})")
         if newest.notes:
-            for line in newest.notes.strip().splitlines():
+            for line in strip_controls(newest.notes).strip().splitlines():
                 print(f"  {line}")
     else:
         print(_up_to_date(running, newest))

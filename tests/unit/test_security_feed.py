@@ -1,4 +1,5 @@
-"""Security audit, issue 10 item 5: no silent downgrades, no replayed or expired feeds.
+"""Security audit, issue 10 items 5 and 6: no silent downgrades, no replayed or expired feeds, no control
+characters from a feed on the terminal or in the RSS, no redirects off http(s) or down from https.
 
 Every scenario runs the real code paths: signed bundles and feeds, a real HTTP(S) server on 127.0.0.1,
 real instruction files, the recovery's installer with only the device lookup faked (as in
@@ -8,6 +9,9 @@ test_init_checks.py). Each test failed on the code before these fixes (see the c
 from __future__ import annotations
 
 import json
+import re
+import socket
+import xml.etree.ElementTree as ET
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -15,8 +19,11 @@ from typing import Any
 import pytest
 
 from mkimage.cli import main as mkimage
+from mkimage.publish import publish
 from recovery import init
 from recovery.bundle import Signature
+from recovery.download import Source, download
+from recovery.errors import Rejected
 from recovery.feed import Feed, Release
 from recovery.feedstate import STATE
 from recovery.init import Boot, Console, Installer
@@ -28,11 +35,15 @@ from tests.reliability import Scenario, scenario  # noqa: F401  (the fixture, al
 from .test_init_checks import CONFIG, machine, run  # noqa: F401  (the fake disk fixture)
 from .test_updatectl import assert_staged, updatectl
 from .updatectl_support import (
-    PRODUCT, Releases, ServerState, System, http_server, make_releases, make_system,
+    PRODUCT, Releases, ServerState, System, http_server, make_releases, make_system, self_signed,
 )
 
 DOWNGRADE = "Downgrade refused unless allowed (updatectl install, install --latest, the recovery's own check)"
 REPLAY = "Replayed or expired feed rejected (signed `updated` remembered on cfg, `expires`)"
+CONTROLS = "Control characters in release notes and feed fields (mkimage publish refuses, updatectl strips)"
+REDIRECT = "Redirect to another scheme, or from https to http, refused"
+CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+PLENTY = lambda _path: 1 << 40  # noqa: E731
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +288,176 @@ def test_a_forged_newer_feed_moves_nothing(
     signed_site(good, releases, Feed(PRODUCT, (entry(releases, "2.0.0"),), stamp(NOW)))
     code, _, err = updatectl(system, capsys, "check", str(good))
     assert code == 1 and one_line(err).endswith("remove it to accept any signed feed again")
+
+
+# --- 6a. Control characters ---------------------------------------------------------------------
+
+
+def test_publish_refuses_control_characters_in_release_notes(
+    tmp_path: Path, releases: Releases, capsys: pytest.CaptureFixture[str], scenario: Scenario
+) -> None:
+    scenario.name = CONTROLS
+    scenario.checked = (
+        "`mkimage publish` refuses notes with controls other than newline and tab (one line naming the "
+        "release, nothing written) and its RSS stays well-formed XML; `updatectl check` prints no C0/C1/DEL "
+        "from a signed feed's notes; a feed version, product or file with controls is rejected in one line "
+        "that carries none"
+    )
+    out = tmp_path / "site"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Fixes \x1b[2J\x1b]0;pwned\x07 the clock.\n")
+    code = mkimage(["publish", "--key", str(releases.pem), "-o", str(out), str(releases.bundles["2.0.0"]),
+                    "--notes", str(notes)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert one_line(err) == ("rejected: release notes of 2.0.0 contain control characters (U+0007, U+001B): "
+                             "only newline and tab are allowed")
+    assert not out.exists() or list(out.iterdir()) == []  # not even the bundle was placed
+    for bad in ("C1 \x9b31m", "DEL \x7f", "CR \r", "NUL \x00"):
+        with pytest.raises(Rejected, match="release notes of 1.0.0 contain control characters"):
+            publish([releases.bundles["1.0.0"]], out, key=releases.pem, notes={"1.0.0": bad})
+    # Newlines and tabs are what notes are made of; the RSS parses.
+    publish([releases.bundles["1.0.0"]], out, key=releases.pem, notes={"1.0.0": "Line one\n\tindented & <ok>"})
+    item = ET.fromstring((out / "releases.rss").read_bytes()).find("channel/item")
+    assert item is not None and item.findtext("description") == "Line one\n\tindented & <ok>"
+
+
+def test_updatectl_check_strips_control_characters_from_a_signed_feed(
+    tmp_path: Path, system: System, releases: Releases, capsys: pytest.CaptureFixture[str], scenario: Scenario
+) -> None:
+    scenario.name = CONTROLS
+    # An older publisher (or a compromised build host) signed these notes: the signature makes them the
+    # publisher's, not safe to hand to a terminal.
+    notes = "Faster\x1b[31m boot\x07.\n\tFixes\x9b2J the\x7f clock.\x1b]0;title\x07"
+    site = signed_site(tmp_path / "site", releases,
+                       Feed(PRODUCT, (entry(releases, "2.0.0", notes=notes),), stamp(NOW)))
+    code, out, err = updatectl(system, capsys, "check", str(site))
+    assert code == 0, err
+    assert not CONTROL_CHARS.search(out), repr(out)
+    assert out.splitlines() == ["update available: 2.0.0 (running 1.0.0)", "  Faster[31m boot.",
+                                "  \tFixes2J the clock.]0;title"]
+
+
+@pytest.mark.parametrize(("field", "value", "reason"), [
+    ("version", "9.9.9\x1b]0;pwned\x07", r"release feed: release 1: version '9\.9\.9\\x1b\]0;pwned\\x07' must be"),
+    ("file", "x\x1b[2J.bundle", r"release feed: release 1: file 'x\\x1b\[2J\.bundle' contains control characters"),
+    ("product", "demo-appliance\x1b[2J", r"release feed: product 'demo-appliance\\x1b\[2J' must be"),
+])
+def test_feed_fields_with_control_characters_are_rejected_in_one_clean_line(
+    tmp_path: Path, system: System, releases: Releases, capsys: pytest.CaptureFixture[str], scenario: Scenario,
+    field: str, value: str, reason: str,
+) -> None:
+    scenario.name = CONTROLS
+    doc = json.loads(Feed(PRODUCT, (entry(releases, "2.0.0"),), stamp(NOW)).to_json())
+    if field == "product":
+        doc["product"] = value
+    else:
+        doc["releases"][0][field] = value
+    site = signed_site(tmp_path / "site", releases, Feed(PRODUCT, ()), raw=json.dumps(doc).encode())
+    code, out, err = updatectl(system, capsys, "check", str(site))
+    assert code == 1 and out == ""
+    assert re.match(f"rejected: {reason}", one_line(err)), err
+    assert not CONTROL_CHARS.search(err)
+
+
+# --- 6b. Redirects ------------------------------------------------------------------------------
+
+
+class Listener:
+    """A TCP port that records whether anyone connected (the ftp server a redirect points at)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.sock.settimeout(0.5)
+        self.port = self.sock.getsockname()[1]
+
+    def connected(self) -> bool:
+        try:
+            conn, _ = self.sock.accept()
+        except (TimeoutError, socket.timeout):
+            return False
+        conn.close()
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_redirect_to_ftp_is_refused(tmp_path: Path, scenario: Scenario) -> None:
+    scenario.name = REDIRECT
+    scenario.checked = (
+        "a 302 to ftp:// (or file://) is refused with one line and nothing is fetched from there; a 302 from "
+        "https to http is refused before the http server is asked; http->https, http->http and "
+        "https->https redirects are still followed; through `updatectl install` nothing is left behind"
+    )
+    ftp = Listener()
+    try:
+        state = ServerState(redirects={"/b.bundle": f"ftp://127.0.0.1:{ftp.port}/b.bundle"})
+        partial = tmp_path / "b.bundle.partial"
+        with http_server(state) as url, pytest.raises(Rejected) as caught:
+            download(Source.parse(url + "/b.bundle"), partial, free=PLENTY, progress=False)
+        assert str(caught.value) == (f"cannot download {url}/b.bundle: HTTP 302 redirect to "
+                                     f"ftp://127.0.0.1:{ftp.port}/b.bundle refused: only http and https are followed")
+        assert not ftp.connected() and not partial.exists()
+    finally:
+        ftp.close()
+    state = ServerState(redirects={"/b.bundle": "file:///etc/passwd"})
+    with http_server(state) as url, pytest.raises(Rejected, match="not allowed"):
+        download(Source.parse(url + "/b.bundle"), tmp_path / "f.partial", free=PLENTY, progress=False)
+
+
+def test_a_redirect_from_https_to_http_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scenario: Scenario
+) -> None:
+    scenario.name = REDIRECT
+    tls = self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls[0]))
+    plain = ServerState(files={"/b.bundle": b"bundle bytes"})
+    with http_server(plain) as http_url:
+        secure = ServerState(redirects={"/b.bundle": http_url + "/b.bundle"})
+        with http_server(secure, tls=tls) as https_url, pytest.raises(Rejected) as caught:
+            download(Source.parse(https_url + "/b.bundle"), tmp_path / "b.partial", free=PLENTY, progress=False)
+    assert str(caught.value) == (f"cannot download {https_url}/b.bundle: HTTP 302 redirect to {http_url}/b.bundle "
+                                 "refused: never from https to http")
+    assert plain.requests == [] and secure.requests != []
+    assert not (tmp_path / "b.partial").exists()
+
+
+def test_redirects_within_http_and_up_to_https_are_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scenario: Scenario
+) -> None:
+    scenario.name = REDIRECT
+    tls = self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls[0]))
+    body = b"the bundle" * 1000
+    secure = ServerState(files={"/real.bundle": body}, redirects={"/moved.bundle": "/real.bundle"})
+    with http_server(secure, tls=tls) as https_url:
+        plain = ServerState(files={"/real.bundle": body},
+                            redirects={"/up.bundle": https_url + "/moved.bundle", "/here.bundle": "/real.bundle"})
+        with http_server(plain) as http_url:
+            for name in ("up", "here"):
+                t = download(Source.parse(f"{http_url}/{name}.bundle"), tmp_path / f"{name}.partial",
+                             free=PLENTY, progress=False)
+                assert t.path.read_bytes() == body
+    assert [r["path"] for r in secure.requests] == ["/moved.bundle", "/real.bundle"]
+
+
+def test_updatectl_install_through_a_bad_redirect_is_one_line_and_leaves_nothing(
+    system: System, capsys: pytest.CaptureFixture[str], scenario: Scenario
+) -> None:
+    scenario.name = REDIRECT
+    ftp = Listener()
+    try:
+        state = ServerState(redirects={"/x.bundle": f"ftp://127.0.0.1:{ftp.port}/x.bundle",
+                                       "/feed/releases.json": f"ftp://127.0.0.1:{ftp.port}/releases.json"})
+        with http_server(state) as url:
+            code, _, err = updatectl(system, capsys, "install", url + "/x.bundle", "--no-reboot")
+            assert code == 1 and one_line(err).endswith("refused: only http and https are followed")
+            code, _, err = updatectl(system, capsys, "check", url + "/feed/")
+            assert code == 1 and one_line(err).endswith("refused: only http and https are followed")
+        assert not ftp.connected()
+    finally:
+        ftp.close()
+    assert system.leftovers() == [] and not system.config.instruction.exists()
