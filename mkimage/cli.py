@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 from recovery.cli import add_debug, run_cli
@@ -51,6 +52,15 @@ def cmd_recovery(args: argparse.Namespace) -> int:
     return 0
 
 
+def _duration(text: str) -> timedelta:
+    from .publish import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from .publish import notes_for, publish
 
@@ -62,7 +72,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
             raise Rejected(f"cannot read release notes {args.notes}: {e}") from None
     done = publish(
         args.bundles, args.output, key=args.key, notes=notes_for(args.notes_for), newest_notes=newest_notes,
-        base_url=args.base_url,
+        base_url=args.base_url, expires=args.expires,
     )
     listed = ", ".join(r.version for r in sorted(done.feed.releases, key=lambda r: r.key, reverse=True))
     print(f"published {', '.join(done.added)} in {done.directory}: {done.feed.product} feed lists {listed}")
@@ -94,6 +104,8 @@ def parser() -> argparse.ArgumentParser:
     pub.add_argument("--notes-for", action="append", default=[], metavar="VERSION=TEXT",
                      help="release notes for one version (repeatable)")
     pub.add_argument("--base-url", help="where the directory will be served, for absolute links in the RSS feed")
+    pub.add_argument("--expires", type=_duration, metavar="DURATION",
+                     help="devices refuse the feed this long after publishing (90d, 36h, 2w); default: never")
     pub.add_argument("bundles", type=Path, nargs="+", metavar="BUNDLE")
     pub.set_defaults(run=cmd_publish)
 

@@ -2,7 +2,8 @@
 `releases.json` (what `updatectl check` reads) and `releases.rss` (for people).
 
 Publishing into a directory that already holds a feed adds to it: earlier releases whose files are
-still there stay listed, with their notes.
+still there stay listed, with their notes. Every publish signs a new `updated` time (and `expires`,
+when given), which is how a device tells the current feed from an older one served again.
 """
 
 from __future__ import annotations
@@ -11,25 +12,30 @@ import email.utils
 import errno
 import logging
 import os
+import re
 import shutil
 import tempfile
 import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from recovery.atomic import atomic_write, fsync_dir
 from recovery.bundle import Signature, verify_bundle
 from recovery.errors import Failed, Rejected
-from recovery.feed import FEED_NAME, SIGNATURE_SUFFIX, Feed, Release, Version, verify_feed
+from recovery.feed import FEED_NAME, SIGNATURE_SUFFIX, Feed, Release, verify_feed
 from recovery.keys import Keyring, keyid, load_private_key, raw_public_key
+from recovery.output import control_characters
 from recovery.status import now
+from recovery.version import Version
 
 log = logging.getLogger(__name__)
 
 RSS_NAME = "releases.rss"
+_DURATION = re.compile(r"([1-9][0-9]*)([mhdw])")
+_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 @dataclass(frozen=True)
@@ -47,12 +53,15 @@ def publish(
     notes: Mapping[str, str] | None = None,
     newest_notes: str | None = None,
     base_url: str | None = None,
+    expires: timedelta | None = None,
 ) -> Published:
     """Verify `bundles` with `key`'s own public key, place them in `output`, write the signed feed and RSS.
 
     `notes` maps versions to release notes, `newest_notes` are those of the newest bundle given (what
     `--notes FILE` means); a version neither published now nor in the feed is an error, since a typo
-    would otherwise vanish without a word.
+    would otherwise vanish without a word. Notes with control characters other than newline and tab
+    are refused: they would break the RSS and act on the terminals the notes are printed to.
+    `expires`: how long the feed stays good after this publish (never, when None).
     """
     if not bundles:
         raise Rejected("nothing to publish: give at least one bundle")
@@ -76,7 +85,7 @@ def publish(
     _no_duplicates([r for _, r in new])
 
     output.mkdir(parents=True, exist_ok=True)
-    kept = _existing(output, keyring, product, taken={r.version for _, r in new} | {r.file for _, r in new})
+    kept, previous = _existing(output, keyring, product, taken={r.version for _, r in new} | {r.file for _, r in new})
     notes = dict(notes or {})
     if newest_notes is not None:
         notes.setdefault(max((r.version for _, r in new), key=Version), newest_notes.strip())
@@ -85,15 +94,25 @@ def publish(
     if unknown:
         raise Rejected(f"release notes for {', '.join(unknown)}, which is neither published now nor in the feed")
 
-    for path, release in new:
-        _place(path, output / release.file)
     releases = [replace(r, notes=notes.get(r.version, r.notes)) for r in kept]
     releases += [replace(r, notes=notes.get(r.version, "")) for _, r in new]
-    feed = Feed(product, tuple(releases), updated=now())
+    _plain_notes(releases)
+    updated = now()
+    before = previous.updated_at if previous is not None else None
+    if before is not None and before > datetime.fromisoformat(updated):
+        # Devices that saw the earlier feed would reject this one as a replay.
+        raise Rejected(f"{output / FEED_NAME} was published at {before.isoformat()}, after this machine's clock "
+                       f"({updated}): fix the clock before publishing")
+    until = None if expires is None else (datetime.fromisoformat(updated) + expires).isoformat(timespec="seconds")
+    feed = Feed(product, tuple(releases), updated=updated, expires=until)
 
     raw = feed.to_json()
     signature = Signature(kid, private.sign(raw)).to_json()
-    verify_feed(raw, signature, keyring)  # what we publish must be what a client accepts
+    # What we publish must be what a client accepts: signature and content, checked before anything is placed.
+    verify_feed(raw, signature, keyring)
+    Feed.parse(raw)
+    for path, release in new:
+        _place(path, output / release.file)
     atomic_write(output / FEED_NAME, raw)
     atomic_write(output / (FEED_NAME + SIGNATURE_SUFFIX), signature)
     atomic_write(output / RSS_NAME, rss(feed, base_url=base_url))
@@ -112,13 +131,31 @@ def _no_duplicates(releases: Sequence[Release]) -> None:
         files[r.file] = r.version
 
 
-def _existing(output: Path, keyring: Keyring, product: str, *, taken: set[str]) -> list[Release]:
-    """The releases an earlier publish listed that stay: theirs files are still there, not replaced now."""
+def _plain_notes(releases: Sequence[Release]) -> None:
+    for r in sorted(releases, key=lambda r: r.key):
+        if found := control_characters(r.notes):
+            raise Rejected(f"release notes of {r.version} contain control characters ({', '.join(found)}): "
+                           "only newline and tab are allowed")
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90d`, `36h`, `2w`, `30m`: how long a published feed stays good."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration: a number and m, h, d or w (90d, 36h, 2w)")
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def _existing(
+    output: Path, keyring: Keyring, product: str, *, taken: set[str]
+) -> tuple[list[Release], Feed | None]:
+    """The releases an earlier publish listed that stay (their files are still there, not replaced now),
+    and that earlier feed."""
     path = output / FEED_NAME
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return []
+        return [], None
     try:
         signature = (output / (FEED_NAME + SIGNATURE_SUFFIX)).read_bytes()
     except FileNotFoundError:
@@ -138,7 +175,7 @@ def _existing(output: Path, keyring: Keyring, product: str, *, taken: set[str]) 
             log.info("dropping %s from the feed: %s is gone", r.version, r.file)
             continue
         kept.append(r)
-    return kept
+    return kept, feed
 
 
 def _place(source: Path, target: Path) -> None:

@@ -74,7 +74,8 @@ def cmd_instruction_write(args: argparse.Namespace) -> int:
     from .instruction import Instruction, write_instruction
 
     instruction = Instruction.create(
-        disk=args.disk, file=args.file, sha256=args.sha256, version=args.version, created=args.created
+        disk=args.disk, file=args.file, sha256=args.sha256, version=args.version, created=args.created,
+        allow_downgrade=args.allow_downgrade,
     )
     write_instruction(args.path, instruction)
     return 0
@@ -133,6 +134,8 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--sha256", required=True)
     w.add_argument("--version", required=True)
     w.add_argument("--created", help="ISO 8601 time stamp (default: now)")
+    w.add_argument("--allow-downgrade", action="store_true",
+                   help="let the recovery install a version older than the installed one")
     w.set_defaults(run=cmd_instruction_write)
     s = isub.add_parser("show", help="parse and print an instruction file")
     s.add_argument("path", type=Path)

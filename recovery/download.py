@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 import psutil
 
 from .errors import Failed, Rejected
-from .output import MiB, Progress
+from .output import MiB, Progress, strip_controls
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def check_space(directory: Path, need: int, *, where: Path | None = None, free: 
 def _reason(e: BaseException) -> str:
     """The words of a network error without the layers of wrapping urllib adds."""
     if isinstance(e, urllib.error.HTTPError):
-        return f"HTTP {e.code} {e.reason}"
+        return f"HTTP {e.code} {strip_controls(str(e.reason))}"  # the reason phrase is the server's
     if isinstance(e, urllib.error.URLError):
         e = e.reason if isinstance(e.reason, BaseException) else e
         if not isinstance(e, BaseException):
@@ -230,13 +230,42 @@ def download(
         raise
 
 
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to http or https, and never from https down to http.
+
+    urllib alone follows one to ftp:// too, and from https to plain http: the transfer would then leave
+    the transport the operator chose. Refused with one line, before anything is fetched from there."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: object, code: int, msg: str, headers: object, newurl: str
+    ) -> urllib.request.Request | None:
+        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
+        came_from = urllib.parse.urlsplit(req.full_url).scheme.lower()
+        why = None
+        if scheme not in (Scheme.http, Scheme.https):
+            why = "only http and https are followed"
+        elif came_from == Scheme.https and scheme == Scheme.http:
+            why = "never from https to http"
+        if why is not None:
+            close = getattr(fp, "close", None)
+            if close is not None:
+                close()
+            target = strip_controls(newurl)
+            raise Rejected(f"cannot download {self.source}: HTTP {code} redirect to {target} refused: {why}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)  # type: ignore[arg-type]
+
+
 def _open(source: Source, offset: int, timeout: float) -> http.client.HTTPResponse:
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     request = urllib.request.Request(source.url, headers=headers)
+    opener = urllib.request.build_opener(_Redirects(source))
     try:
-        return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - the scheme is checked in Source.parse
+        return opener.open(request, timeout=timeout)  # the scheme is checked in Source.parse, redirects above
     except urllib.error.HTTPError as e:
         with e:
             if e.code == 416 and offset:

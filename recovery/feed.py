@@ -1,7 +1,9 @@
-"""Release feeds: `releases.json`, signed like a bundle's manifest (`releases.json.sig`), and version order.
+"""Release feeds: `releases.json`, signed like a bundle's manifest (`releases.json.sig`).
 
 `mkimage publish` writes a feed; `updatectl check` and `install --latest` read one. Nothing in a feed
-is believed before its signature is checked against the system's keyring.
+is believed before its signature is checked against the system's keyring. A feed carries the time it
+was published (`updated`) and may carry the time it stops being good (`expires`), both signed, so
+that an old feed served again can be told from the current one (recovery/feedstate.py).
 """
 
 from __future__ import annotations
@@ -10,61 +12,39 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from functools import total_ordering
-from typing import Any
 
-from .bundle import Signature
+from .bundle import _NAME, Signature
 from .download import Source, fetch
 from .errors import Rejected
 from .keys import Keyring
+from .version import Version
 
 FEED_NAME = "releases.json"
 SIGNATURE_SUFFIX = ".sig"
 FORMAT = 1
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_PART = re.compile(r"\d+|[A-Za-z]+")
 
 
-@total_ordering
-@dataclass(frozen=True)
-class Version:
-    """A release version compared the way people read them: `1.10.0 > 1.9.0`, `2.0.0 > 2.0.0-rc1`.
+def _show(value: object) -> str:
+    """A value from a feed quoted for a one-line message: escaped (repr shows controls as \\x1b), shortened."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "…"
 
-    The release part (before `-` or `+`) compares by its dotted parts, numbers as numbers; a version
-    with a pre-release suffix sorts before the same version without one; `+build` data is ignored.
-    """
 
-    text: str
+def parse_time(text: object, what: str) -> datetime:
+    """An ISO 8601 time with its offset (`2026-01-02T03:04:05+00:00`, `…Z`); Rejected otherwise.
 
-    @staticmethod
-    def _parts(text: str) -> tuple[tuple[int, int | str], ...]:
-        # A word sorts before a number at the same position: `1.0.beta` < `1.0.1`, as people read it.
-        return tuple((1, int(p)) if p.isdigit() else (0, p.lower()) for p in _PART.findall(text))
-
-    def _key(self) -> tuple[Any, ...]:
-        core, _, _build = self.text.partition("+")
-        release, dash, pre = core.partition("-")
-        parts = list(self._parts(release))
-        while parts and parts[-1] == (1, 0):  # 1.0 == 1.0.0
-            parts.pop()
-        return (tuple(parts), (0, self._parts(pre)) if dash else (1, ()))
-
-    def __lt__(self, other: object) -> bool:
-        if not isinstance(other, Version):
-            return NotImplemented
-        return self._key() < other._key()
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Version):
-            return NotImplemented
-        return self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __str__(self) -> str:
-        return self.text
+    The offset is required: a feed's times are compared with other machines' clocks."""
+    try:
+        if not isinstance(text, str):
+            raise ValueError
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise Rejected(f"release feed: {what} {_show(text)} is not an ISO 8601 time") from None
+    if when.tzinfo is None:
+        raise Rejected(f"release feed: {what} {_show(text)} has no time zone offset (write it in UTC, +00:00)")
+    return when
 
 
 @dataclass(frozen=True)
@@ -86,10 +66,15 @@ class Release:
             raise Rejected(f"{what} lacks {', '.join(missing)}")
         version, file, size, sha256 = data["version"], data["file"], data["size"], data["sha256"]
         created, notes = data["created"], data.get("notes", "")
-        if not isinstance(version, str) or not version:
-            raise Rejected(f"{what}: version must be a non-empty string")
+        # The bundle manifest's rule: a version the feed may name is one a bundle can carry, and
+        # nothing in it can act on the terminal `updatectl check` prints it to.
+        if not isinstance(version, str) or not _NAME.fullmatch(version):
+            raise Rejected(f"{what}: version {_show(version)} must be 1-128 of A-Z a-z 0-9 . _ + ~ : - "
+                           "starting with a letter or digit")
         if not isinstance(file, str) or not file:
             raise Rejected(f"{what}: file must be a non-empty string")
+        if not file.isprintable():
+            raise Rejected(f"{what}: file {_show(file)} contains control characters")
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
             raise Rejected(f"{what}: size must be a positive number of bytes")
         if not isinstance(sha256, str) or not _HEX64.fullmatch(sha256):
@@ -113,7 +98,8 @@ class Release:
 class Feed:
     product: str
     releases: tuple[Release, ...]
-    updated: str | None = None
+    updated: str | None = None  # when it was published; None only in feeds of older publishers
+    expires: str | None = None  # when it stops being good; None: never
 
     def newest(self) -> Release | None:
         return max(self.releases, key=lambda r: r.key, default=None)
@@ -123,13 +109,19 @@ class Feed:
 
     def to_json(self) -> bytes:
         """The exact bytes that get published and signed; releases newest first, for people reading it."""
-        doc = {
-            "format": FORMAT,
-            "product": self.product,
-            "updated": self.updated,
-            "releases": [asdict(r) for r in sorted(self.releases, key=lambda r: r.key, reverse=True)],
-        }
+        doc: dict[str, object] = {"format": FORMAT, "product": self.product, "updated": self.updated}
+        if self.expires is not None:
+            doc["expires"] = self.expires
+        doc["releases"] = [asdict(r) for r in sorted(self.releases, key=lambda r: r.key, reverse=True)]
         return (json.dumps(doc, indent=2) + "\n").encode()
+
+    @property
+    def updated_at(self) -> datetime | None:
+        return None if self.updated is None else parse_time(self.updated, "updated")
+
+    @property
+    def expires_at(self) -> datetime | None:
+        return None if self.expires is None else parse_time(self.expires, "expires")
 
     @classmethod
     def parse(cls, raw: bytes) -> Feed:
@@ -145,17 +137,28 @@ class Feed:
         product = doc.get("product")
         if not isinstance(product, str) or not product:
             raise Rejected("release feed names no product")
+        if not _NAME.fullmatch(product):
+            raise Rejected(f"release feed: product {_show(product)} must be 1-128 of A-Z a-z 0-9 . _ + ~ : - "
+                           "starting with a letter or digit")
         releases = doc.get("releases")
         if not isinstance(releases, list):
             raise Rejected("release feed has no releases list")
-        updated = doc.get("updated")
+        # Absent (or null) only in feeds of publishers older than `updated`; what that means for a
+        # system that has seen dated feeds is feedstate's decision, not the parser's.
+        updated, expires = doc.get("updated"), doc.get("expires")
+        updated_at = None if updated is None else parse_time(updated, "updated")
+        if expires is not None:
+            if updated_at is None:
+                raise Rejected("release feed: expires without updated")
+            if parse_time(expires, "expires") <= updated_at:
+                raise Rejected(f"release feed: expires {expires} is not after updated {updated}")
         parsed = tuple(Release.from_dict(r, i) for i, r in enumerate(releases))
         seen: set[str] = set()
         for r in parsed:
             if r.version in seen:
                 raise Rejected(f"release feed lists version {r.version} twice")
             seen.add(r.version)
-        return cls(product, parsed, updated if isinstance(updated, str) else None)
+        return cls(product, parsed, updated, expires)
 
 
 def feed_source(location: str) -> Source:

@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 from uuid import uuid4
 
 from .atomic import atomic_write, checkpoint_journal, durable_unlink
@@ -28,6 +29,10 @@ from .errors import Failed, Rejected, UpdateError
 from .output import Progress
 from .run import run
 from .status import Outcome, Result, append_log, log_tail, now, read_result, write_result
+from .version import Version
+
+if TYPE_CHECKING:
+    from .instruction import Instruction
 
 log = logging.getLogger("recovery")
 
@@ -243,6 +248,7 @@ class Installer:
                     raise Rejected(f"partition {system} is named {part.name!r}, expected {spec.value!r}")
                 if not incomplete:
                     self.from_version = self._installed_version(system)
+                self._check_downgrade(instruction)
                 mount(storage, STORAGE_MOUNT, options="ro,nosuid,nodev,noexec")
                 bundle = verify_bundle(
                     _bundle_path(STORAGE_MOUNT, Path(os.fspath(instruction.file))),
@@ -290,6 +296,16 @@ class Installer:
         except UpdateError as e:
             raise Failed(str(e)) from None
         return self.result(Outcome.installed, files=stats.files, nbytes=stats.bytes)
+
+    def _check_downgrade(self, instruction: Instruction) -> None:
+        """A version older than the installed one only when the instruction says so (`updatectl install
+        --allow-downgrade`). The same version again is a repair, not a downgrade. With no version to
+        compare (no os-release on the system) there is nothing to refuse: the system may be the problem."""
+        installed = self.from_version
+        if not isinstance(installed, str) or instruction.allow_downgrade:
+            return
+        if Version(instruction.version) < Version(installed):
+            raise Rejected(f"downgrade from {installed} to {instruction.version} not allowed by the instruction")
 
     def _installed_version(self, system: Path) -> str | None:
         from .devices import mount, umount

@@ -27,8 +27,12 @@ KEY_FILE = "recovery_file"
 KEY_SHA256 = "recovery_sha256"
 KEY_VERSION = "recovery_version"
 KEY_CREATED = "recovery_created"
+KEY_ALLOW_DOWNGRADE = "recovery_allow_downgrade"
 KEY_TRY = "recovery_try"
-KEYS = (KEY_ACTION, KEY_DISK, KEY_FILE, KEY_SHA256, KEY_VERSION, KEY_CREATED, KEY_TRY)
+# The first five are required; the order is the order of the block's lines.
+KEYS = (KEY_ACTION, KEY_DISK, KEY_FILE, KEY_SHA256, KEY_VERSION, KEY_CREATED, KEY_ALLOW_DOWNGRADE, KEY_TRY)
+# The one value that allows a downgrade; the key is absent otherwise (never `0`: absent is the default).
+ALLOWED = "1"
 
 MAX_TRIES = 3
 # GRUB's save_env can only count tries if the block has room for the line it adds.
@@ -269,7 +273,8 @@ def _now() -> str:
 @dataclass(frozen=True)
 class Instruction:
     """A validated update instruction: install the bundle `file` on `disk`, which must carry `version`
-    and hash to `sha256`. `try_count` is GRUB's counter; `extra` keeps variables others added."""
+    and hash to `sha256`; a `version` older than the installed one only if `allow_downgrade`.
+    `try_count` is GRUB's counter; `extra` keeps variables others added."""
 
     action: Action
     disk: DiskSpec
@@ -279,6 +284,7 @@ class Instruction:
     created: str | None
     try_count: int | None
     extra: tuple[tuple[str, str], ...] = ()
+    allow_downgrade: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -297,6 +303,8 @@ class Instruction:
                 raise Rejected(f"{KEY_VERSION} {_show(self.version)} has characters other than A-Z a-z 0-9 . _ + ~ -")
             if self.created is not None:
                 _check_created(self.created)
+            if type(self.allow_downgrade) is not bool:
+                raise Rejected(f"{KEY_ALLOW_DOWNGRADE} {self.allow_downgrade!r} is not a bool")
             if self.try_count is not None and (
                 type(self.try_count) is not int or not 1 <= self.try_count <= MAX_TRIES
             ):
@@ -308,14 +316,18 @@ class Instruction:
             raise e.context("instruction") from None
 
     @classmethod
-    def create(cls, disk: str, file: str, sha256: str, version: str, created: str | None = None) -> Instruction:
+    def create(
+        cls, disk: str, file: str, sha256: str, version: str, created: str | None = None, *,
+        allow_downgrade: bool = False,
+    ) -> Instruction:
         """A new `install` instruction, validated; `created` defaults to now (UTC, seconds)."""
         try:
             spec = DiskSpec.parse(disk)
             path = _check_file(file)
         except Rejected as e:
             raise e.context("instruction") from None
-        instruction = cls(Action.install, spec, path, sha256, version, _now() if created is None else created, None)
+        instruction = cls(Action.install, spec, path, sha256, version, _now() if created is None else created, None,
+                          allow_downgrade=allow_downgrade)
         instruction.to_block()  # fail now, not when writing, if it does not fit
         return instruction
 
@@ -341,6 +353,9 @@ class Instruction:
                 if text not in {str(n) for n in range(1, MAX_TRIES + 1)}:
                     raise Rejected(f"{KEY_TRY} {_show(text)} is not 1 to {MAX_TRIES}")
                 try_count = int(text)
+            allow_downgrade = KEY_ALLOW_DOWNGRADE in env
+            if allow_downgrade and env[KEY_ALLOW_DOWNGRADE] != ALLOWED:
+                raise Rejected(f"{KEY_ALLOW_DOWNGRADE} {_show(env[KEY_ALLOW_DOWNGRADE])} is not {ALLOWED}")
         except Rejected as e:
             raise e.context("instruction") from None
         extra = tuple((key, value) for key, value in env.items() if key not in KEYS)
@@ -353,6 +368,7 @@ class Instruction:
             created=env.get(KEY_CREATED),
             try_count=try_count,
             extra=extra,
+            allow_downgrade=allow_downgrade,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -366,13 +382,15 @@ class Instruction:
         }
         if self.created is not None:
             env[KEY_CREATED] = self.created
+        if self.allow_downgrade:
+            env[KEY_ALLOW_DOWNGRADE] = ALLOWED
         if self.try_count is not None:
             env[KEY_TRY] = str(self.try_count)
         env.update(self.extra)
         return env
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able view; `extra` appears only when there are extra variables."""
+        """A JSON-able view; `allow_downgrade` and `extra` appear only when set."""
         d: dict[str, Any] = {
             "action": str(self.action),
             "disk": str(self.disk),
@@ -382,6 +400,8 @@ class Instruction:
             "created": self.created,
             "try_count": self.try_count,
         }
+        if self.allow_downgrade:
+            d["allow_downgrade"] = True
         if self.extra:
             d["extra"] = dict(self.extra)
         return d

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -12,6 +13,20 @@ from typing import TextIO
 log = logging.getLogger("recovery")
 
 _depth = 0
+
+# What a terminal may act on instead of showing: C0 controls but tab and newline, DEL, C1 controls
+# (0x9b is CSI on many terminals), and lone surrogates (not text; printing one raises).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def control_characters(text: str) -> list[str]:
+    """The characters of `text` that `strip_controls` would remove, as `U+001B` names, each once."""
+    return sorted({f"U+{ord(c):04X}" for c in _CONTROL.findall(text)})
+
+
+def strip_controls(text: str) -> str:
+    """`text` safe to print from an untrusted source: control characters other than newline and tab removed."""
+    return _CONTROL.sub("", text)
 
 
 def setup_logging(debug: bool = False, stream: TextIO | None = None) -> None:

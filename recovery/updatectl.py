@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -25,19 +26,26 @@ from .bundle import VerifiedBundle, verify_bundle
 from .cli import add_debug, boundary
 from .download import PARTIAL, FreeSpace, Source, download, free_space
 from .errors import Failed, Rejected, UpdateError
-from .feed import Feed, Release, Version, load_feed
+from .feed import Feed, Release, load_feed
+from .feedstate import check_fresh, read_state, remember
 from .instruction import Instruction, read_instruction, write_instruction
 from .keys import Keyring
-from .output import Progress, step
+from .output import Progress, step, strip_controls
 from .run import run
 from .status import read_result
 from .sysconfig import SystemConfig
+from .version import Version
 
 log = logging.getLogger("recovery.updatectl")
 
 BUNDLE_SUFFIX = ".bundle"
 
 Reboot = Callable[[], None]
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 def reboot_system() -> None:
@@ -62,6 +70,7 @@ class Staged:
     bundle: Path  # on this system
     file: PurePosixPath  # the same file as the recovery names it on the storage disk
     sha256: str
+    allow_downgrade: bool = False  # the operator's --allow-downgrade, for the recovery to see
 
 
 @dataclass(frozen=True)
@@ -72,13 +81,19 @@ class Updater:
     reboot: Reboot = reboot_system
     free: FreeSpace = free_space
     progress: bool = True
+    clock: Clock = utc_now  # what an expired feed is measured against
 
     # --- install ---------------------------------------------------------------------------------
 
-    def install(self, location: str | Source, *, force: bool = False, release: Release | None = None) -> Staged:
+    def install(
+        self, location: str | Source, *, force: bool = False, allow_downgrade: bool = False,
+        release: Release | None = None,
+    ) -> Staged:
         """Fetch, verify and stage the bundle at `location`; the instruction is written last.
 
         `release` (from a verified feed) adds its version and sha256 to what the bundle must match.
+        A bundle older than the running version is refused unless `allow_downgrade`, which the
+        instruction then carries (the recovery refuses a downgrade it does not).
         """
         config = self.config
         source = location if isinstance(location, Source) else Source.parse(location)
@@ -98,7 +113,9 @@ class Updater:
             else:
                 bundle, owned = self._fetch(source, directory, release), True
             try:
-                verified = self._verify(bundle, keyring, release, force=force, name=source.name)
+                verified = self._verify(
+                    bundle, keyring, release, force=force, allow_downgrade=allow_downgrade, name=source.name
+                )
                 if owned:
                     final = directory / source.name
                     os.replace(bundle, final)
@@ -107,6 +124,7 @@ class Updater:
                 staged = Staged(
                     product=verified.manifest.product, version=verified.manifest.version, bundle=bundle,
                     file=self._path_on_storage(bundle), sha256=verified.sha256 or "",
+                    allow_downgrade=allow_downgrade,
                 )
                 self._write_instruction(staged)
             except BaseException as e:
@@ -149,7 +167,8 @@ class Updater:
         return transfer.path
 
     def _verify(
-        self, bundle: Path, keyring: Keyring, release: Release | None, *, force: bool, name: str
+        self, bundle: Path, keyring: Keyring, release: Release | None, *, force: bool, allow_downgrade: bool,
+        name: str,
     ) -> VerifiedBundle:
         size = bundle.stat().st_size
         with step(f"Verifying {name}"):
@@ -165,6 +184,9 @@ class Updater:
         if running is not None and version == Version(running) and not force:
             raise Rejected(f"{verified.manifest.version} is already running (use --force to install it again)")
         if running is not None and version < Version(running):
+            # Decided on the verified manifest's version: the bundle's name or a feed could lie.
+            if not allow_downgrade:
+                raise Rejected(f"downgrade from {running} to {version} refused (use --allow-downgrade to install it)")
             log.warning("this is a downgrade: %s is running, the bundle carries %s", running, version)
         return verified
 
@@ -176,7 +198,7 @@ class Updater:
     def _write_instruction(self, staged: Staged) -> None:
         instruction = Instruction.create(
             disk=self.config.storage_disk, file=str(staged.file), sha256=staged.sha256,
-            version=staged.version,
+            version=staged.version, allow_downgrade=staged.allow_downgrade,
         )
         try:
             write_instruction(self.config.instruction, instruction)
@@ -214,7 +236,16 @@ class Updater:
     # --- feeds -----------------------------------------------------------------------------------
 
     def check(self, location: str) -> tuple[Feed, Source, Release, str | None]:
-        feed, source = load_feed(location, Keyring.load(self.config.keys), product=self.config.product)
+        """The verified, current feed at `location`, its newest release and the running version.
+
+        A feed older than the newest one this system accepted, or past its `expires`, is rejected;
+        the remembered time moves forward only after the signature and every other check passed."""
+        keyring = Keyring.load(self.config.keys)
+        remembered = read_state(self.config.cfg)
+        feed, source = load_feed(location, keyring, product=self.config.product)
+        now = self.clock()
+        check_fresh(feed, remembered, now)
+        remember(self.config.cfg, feed, remembered, source=str(source), now=now)
         newest = feed.newest()
         assert newest is not None  # load_feed rejects an empty feed
         return feed, source, newest, self.config.running_version()
@@ -266,28 +297,40 @@ def _finish(args: argparse.Namespace, updater: Updater, staged: Staged) -> int:
     return 0
 
 
+def _up_to_date(running: str | None, newest: Release) -> str:
+    older = running is not None and Version(newest.version) < Version(running)
+    hint = " (older: --allow-downgrade installs it)" if older else ""
+    return f"up to date: {running} is running, the newest release is {strip_controls(newest.version)}{hint}"
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     updater = _updater(args)
     if args.latest:
         feed, source, newest, running = updater.check(args.source)
-        if not newer(newest, running) and not args.force:
-            print(f"up to date: {running} is running, the newest release is {newest.version}")
+        # The newest release is installed when it is newer; the same one again only with --force, an
+        # older one (a withdrawn release) only with --allow-downgrade.
+        same = running is not None and Version(newest.version) == Version(running)
+        if not (newer(newest, running) or (same and args.force) or (not same and args.allow_downgrade)):
+            print(_up_to_date(running, newest))
             return 0
-        staged = updater.install(source.join(newest.file), release=newest, force=args.force)
+        staged = updater.install(source.join(newest.file), release=newest, force=args.force,
+                                 allow_downgrade=args.allow_downgrade)
     else:
-        staged = updater.install(args.source, force=args.force)
+        staged = updater.install(args.source, force=args.force, allow_downgrade=args.allow_downgrade)
     return _finish(args, updater, staged)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     _feed, _source, newest, running = _updater(args).check(args.feed)
+    # Everything printed from the feed goes through strip_controls: a signed feed is the publisher's
+    # word on releases, not a licence to drive this terminal.
     if newer(newest, running):
-        print(f"update available: {newest.version} (running {running or 'an unknown version'})")
+        print(f"update available: {strip_controls(newest.version)} (running {running or 'an unknown version'})")
         if newest.notes:
-            for line in newest.notes.strip().splitlines():
+            for line in strip_controls(newest.notes).strip().splitlines():
                 print(f"  {line}")
     else:
-        print(f"up to date: {running} is running, the newest release is {newest.version}")
+        print(_up_to_date(running, newest))
     return 0
 
 
@@ -300,7 +343,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     staged = state["staged"]
     if staged is not None:
         tries = f", tried {staged['try_count']} time(s)" if staged.get("try_count") else ""
-        print(f"staged: {staged['version']} from {staged['file']} on {staged['disk']}{tries}; "
+        downgrade = " (a downgrade, allowed)" if staged.get("allow_downgrade") else ""
+        print(f"staged: {staged['version']}{downgrade} from {staged['file']} on {staged['disk']}{tries}; "
               "installed at the next reboot")
     elif state["staged_error"]:
         print(f"staged: unreadable instruction: {state['staged_error']}")
@@ -326,6 +370,8 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--latest", action="store_true", help="SOURCE is a release feed: install its newest release")
     i.add_argument("--no-reboot", action="store_true", help="stop after staging; install at the next reboot")
     i.add_argument("--force", action="store_true", help="install even the version that is running")
+    i.add_argument("--allow-downgrade", action="store_true",
+                   help="install a version older than the running one (the instruction records it)")
     i.set_defaults(run=cmd_install)
 
     c = sub.add_parser("check", help="say whether a release feed has a newer release")

@@ -225,3 +225,32 @@ def test_fetch_small_documents(tmp_path: Path) -> None:
         assert fetch(Source.parse(url + "/f.json")) == b"[1]"
         with pytest.raises(Rejected, match="HTTP 404"):
             fetch(Source.parse(url + "/g.json"))
+
+
+def test_a_servers_reason_phrase_reaches_the_message_without_control_characters(tmp_path: Path) -> None:
+    from http.server import BaseHTTPRequestHandler
+
+    from .updatectl_support import _Server
+
+    class Hostile(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(404, "Not\x1b[2J Found")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    import threading
+
+    server = _Server(("127.0.0.1", 0), Hostile)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/b.bundle"
+        with pytest.raises(Rejected, match=r"HTTP 404 Not\[2J Found$"):
+            download(Source.parse(url), tmp_path / "b.partial", free=PLENTY, progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -156,3 +156,60 @@ def test_feed_source_finds_releases_json_in_a_directory(tmp_path: Path) -> None:
     assert feed_source(str(tmp_path)).path == tmp_path / "releases.json"
     assert feed_source("https://h/updates/").url == "https://h/updates/releases.json"
     assert feed_source("https://h/updates/releases.json").url == "https://h/updates/releases.json"
+
+
+# --- `updated` and `expires` (issue 10, item 5) -----------------------------------------------------
+
+
+def test_updated_and_expires_round_trip_inside_the_signed_bytes() -> None:
+    feed = Feed("demo", (release("1.0.0"),), "2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00Z")
+    raw = feed.to_json()
+    assert b'"expires": "2026-02-01T00:00:00Z"' in raw
+    assert Feed.parse(raw) == feed
+    assert (Feed.parse(raw).expires_at - Feed.parse(raw).updated_at).days == 31
+    assert b"expires" not in Feed("demo", (release("1.0.0"),), "2026-01-01T00:00:00+00:00").to_json()
+    assert Feed.parse(Feed("demo", (release("1.0.0"),)).to_json()).updated is None  # an older publisher's
+
+
+@pytest.mark.parametrize(
+    ("times", "reason"),
+    [
+        ({"updated": 5}, "updated 5 is not an ISO 8601 time"),
+        ({"updated": "yesterday"}, "updated 'yesterday' is not an ISO 8601 time"),
+        ({"updated": "2026-01-01T00:00:00"}, "has no time zone offset"),
+        ({"expires": "2026-01-01T00:00:00+00:00"}, "expires without updated"),
+        ({"updated": "2026-01-02T00:00:00+00:00", "expires": "2026-01-01T00:00:00+00:00"}, "is not after updated"),
+        ({"updated": "2026-01-02T00:00:00+00:00", "expires": "soon"}, "expires 'soon' is not an ISO 8601 time"),
+    ],
+)
+def test_malformed_times_are_rejected(times: dict[str, object], reason: str) -> None:
+    import json
+
+    doc = {"format": 1, "product": "demo", "releases": [release("1.0.0").__dict__], **times}
+    with pytest.raises(Rejected, match=reason):
+        Feed.parse(json.dumps(doc).encode())
+
+
+def test_feed_state_is_checked_and_kept(tmp_path: Path) -> None:
+    from datetime import datetime, timezone
+
+    from recovery.feedstate import STATE, check_fresh, read_state, remember
+
+    now = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    older = Feed("demo", (release("1.0.0"),), "2026-01-01T00:00:00+00:00")
+    newer = Feed("demo", (release("1.0.0"),), "2026-02-01T00:00:00Z", "2026-03-01T00:00:01Z")
+    assert read_state(tmp_path) is None
+    check_fresh(older, None, now)
+    remember(tmp_path, older, None, source="/srv/feed/releases.json", now=now)
+    state = read_state(tmp_path)
+    assert state is not None and state.updated == older.updated and state.accepted == "2026-03-01T00:00:00+00:00"
+    check_fresh(newer, state, now)
+    remember(tmp_path, newer, state, source="x", now=now)
+    state = read_state(tmp_path)
+    assert state is not None and state.updated == "2026-02-01T00:00:00Z"
+    assert sorted(p.name for p in (tmp_path / STATE).parent.iterdir()) == ["feed.json"]  # no temp files
+    check_fresh(newer, state, now)  # the same feed again
+    with pytest.raises(Rejected, match=r"^feed is older than the one accepted on 2026-03-01T00:00:00\+00:00 "):
+        check_fresh(older, state, now)
+    with pytest.raises(Rejected, match=r"^feed expired on 2026-03-01T00:00:01Z$"):
+        check_fresh(newer, state, datetime(2026, 3, 1, 0, 0, 1, tzinfo=timezone.utc))

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -397,3 +398,57 @@ def test_cli_usage_error(tmp_path: Path) -> None:
     r = recovery("instruction", "write", tmp_path / "i", "--disk", "LABEL=s", "--file", "/a", "--version", "1")
     assert r.returncode == 2 and "--sha256" in r.stderr
     assert os.listdir(tmp_path) == []
+
+
+# --- recovery_allow_downgrade (issue 10, item 5) ----------------------------------------------------
+
+
+def test_allow_downgrade_round_trips_and_is_absent_by_default() -> None:
+    plain = parse_instruction(block())
+    assert plain.allow_downgrade is False and "allow_downgrade" not in plain.to_dict()
+    i = parse_instruction(block(recovery_allow_downgrade="1"))
+    assert i.allow_downgrade is True and i.extra == ()
+    assert i.to_env()["recovery_allow_downgrade"] == "1" and i.to_dict()["allow_downgrade"] is True
+    made = Instruction.create(disk="PARTLABEL=storage", file="/b/x.bundle", sha256=SHA, version="1.0.0",
+                              allow_downgrade=True)
+    assert parse_instruction(made.to_block()) == made
+    assert b"\nrecovery_allow_downgrade=1\n" in made.to_block()
+
+
+@pytest.mark.parametrize("value", ["0", "yes", "true", "", " 1", "11"])
+def test_allow_downgrade_takes_only_1(value: str) -> None:
+    with pytest.raises(Rejected, match=r"^instruction: recovery_allow_downgrade '.*' is not 1$"):
+        parse_instruction(block(recovery_allow_downgrade=value))
+
+
+def test_allow_downgrade_is_not_an_extra_key() -> None:
+    with pytest.raises(Rejected, match="is one of the instruction's own"):
+        Instruction(Action.install, DiskSpec.parse("PARTLABEL=storage"), PurePosixPath("/b/x.bundle"), SHA, "1.0.0",
+                    None, None, extra=(("recovery_allow_downgrade", "1"),))
+
+
+def test_allow_downgrade_leaves_room_for_grub_to_count() -> None:
+    # The key's line takes 27 bytes: an instruction with 26 bytes to spare beyond GRUB's room
+    # leaves GRUB too little with it, and is refused rather than written.
+    file = "/" + "f" * 511
+    key_line = len("recovery_allow_downgrade=1\n")
+
+    def used(label: str) -> int:
+        i = Instruction(Action.install, DiskSpec.parse(f"LABEL={label}"), PurePosixPath(file), SHA, "2.0.0", None, None)
+        return len(format_envblock(i.to_env()).rstrip(b"#"))
+    label = "d" * (1024 - TRY_ROOM - (key_line - 1) - used("d") + 1)
+    assert used(label) == 1024 - TRY_ROOM - (key_line - 1)
+    exact = Instruction(Action.install, DiskSpec.parse(f"LABEL={label}"), PurePosixPath(file), SHA, "2.0.0", None, None)
+    assert parse_instruction(exact.to_block()) == exact
+    with pytest.raises(Rejected, match=f"GRUB needs {TRY_ROOM} free bytes"):
+        replace(exact, allow_downgrade=True).to_block()
+
+
+def test_cli_write_allow_downgrade(tmp_path: Path) -> None:
+    path = tmp_path / "update-instruction"
+    r = recovery("instruction", "write", path, "--disk", "PARTLABEL=storage", "--file", "/bundles/a.bundle",
+                 "--sha256", SHA, "--version", "0.9.0", "--allow-downgrade")
+    assert r.returncode == 0, r.stderr
+    assert read_instruction(path).allow_downgrade
+    r = recovery("instruction", "show", path, "--json")
+    assert json.loads(r.stdout)["allow_downgrade"] is True

@@ -209,3 +209,18 @@ def test_an_empty_line_is_part_of_the_next_name_for_grub(tmp_path: Path) -> None
     assert editenv(path, "list") == b"a=1\n\nb=2\n"  # a name "\nb", not "b"
     with pytest.raises(Rejected, match="empty line at byte 29"):
         parse_envblock(data)
+
+
+def test_allow_downgrade_reads_the_same_in_grub_editenv_and_grub_still_counts(tmp_path: Path) -> None:
+    path = tmp_path / "update-instruction"
+    made = Instruction.create("PARTLABEL=storage", "/bundles/a.bundle", "0" * 64, "0.9.0",
+                              "2026-01-01T00:00:00Z", allow_downgrade=True)
+    write_instruction(path, made)
+    assert b"recovery_allow_downgrade=1\n" in editenv(path, "list")
+    reference = grub_block(tmp_path, ["set", *(f"{k}={v}" for k, v in made.to_env().items())])
+    assert path.read_bytes() == reference  # byte for byte what grub-editenv writes
+    for n in (1, 2, 3):
+        editenv(path, "set", f"recovery_try={n}")
+        again = read_instruction(path)
+        assert (again.try_count, again.allow_downgrade) == (n, True)
+    assert clear_try(path).allow_downgrade

@@ -113,3 +113,40 @@ def test_cli_errors_are_one_line(tmp_path: Path, releases: Releases, capsys) -> 
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "expected VERSION=TEXT" in err
     assert mkimage(["publish", "--key", str(releases.pem), "-o", str(tmp_path / "o")]) == 2
+
+
+def test_expires_is_a_duration_after_the_signed_updated_time(tmp_path: Path, releases: Releases, capsys) -> None:
+    from datetime import timedelta
+
+    from mkimage.publish import parse_duration
+
+    assert [parse_duration(t) for t in ("30m", "36h", "90d", "2w")] == [
+        timedelta(minutes=30), timedelta(hours=36), timedelta(days=90), timedelta(weeks=2)]
+    for bad in ("0d", "1y", "d", "-1d", "2026-01-01"):
+        with pytest.raises(ValueError, match="is not a duration"):
+            parse_duration(bad)
+    out = tmp_path / "site"
+    assert mkimage(["publish", "--key", str(releases.pem), "-o", str(out), str(releases.bundles["1.0.0"]),
+                    "--expires", "1y"]) == 2
+    assert "is not a duration" in capsys.readouterr().err and not out.exists()
+    publish([releases.bundles["1.0.0"]], out, key=releases.pem, expires=timedelta(hours=36))
+    feed = Feed.parse((out / "releases.json").read_bytes())
+    assert feed.expires_at - feed.updated_at == timedelta(hours=36)
+    # A later publish without --expires makes a feed that does not expire: each publish says its own.
+    publish([releases.bundles["2.0.0"]], out, key=releases.pem)
+    assert Feed.parse((out / "releases.json").read_bytes()).expires is None
+
+
+def test_publish_refuses_when_the_clock_is_behind_the_existing_feed(
+    tmp_path: Path, releases: Releases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mkimage.publish
+
+    out = tmp_path / "site"
+    monkeypatch.setattr(mkimage.publish, "now", lambda: "2030-01-01T00:00:00+00:00")
+    publish([releases.bundles["1.0.0"]], out, key=releases.pem)
+    before = (out / "releases.json").read_bytes()
+    monkeypatch.setattr(mkimage.publish, "now", lambda: "2029-12-31T23:59:59+00:00")
+    with pytest.raises(Rejected, match=r"was published at 2030-01-01T00:00:00\+00:00, after this machine's clock"):
+        publish([releases.bundles["2.0.0"]], out, key=releases.pem)
+    assert (out / "releases.json").read_bytes() == before

@@ -403,12 +403,20 @@ def test_storage_must_be_there(system: System, releases: Releases, capsys) -> No
     assert not system.config.storage.exists()
 
 
-def test_a_downgrade_is_allowed_and_said(tmp_path: Path, releases: Releases, capsys) -> None:
+def test_a_downgrade_needs_allow_downgrade_and_is_said(tmp_path: Path, releases: Releases, capsys) -> None:
+    # Refusing without the flag: tests/unit/test_security_feed.py.
     system = make_system(tmp_path / "newer", releases, running="2.0.0")
-    code, out, err = updatectl(system, capsys, "install", str(releases.bundles["1.0.0"]), "--no-reboot")
+    code, out, err = updatectl(system, capsys, "install", str(releases.bundles["1.0.0"]), "--no-reboot",
+                               "--allow-downgrade")
     assert code == 0, err
     assert "this is a downgrade: 2.0.0 is running, the bundle carries 1.0.0" in out
     assert_staged(system, releases.bundles["1.0.0"], "1.0.0")
+    assert read_instruction(system.config.instruction).allow_downgrade
+
+
+def test_an_upgrade_writes_no_allow_downgrade(system: System, releases: Releases, capsys) -> None:
+    assert updatectl(system, capsys, "install", str(releases.bundles["2.0.0"]), "--no-reboot")[0] == 0
+    assert b"recovery_allow_downgrade" not in system.config.instruction.read_bytes()
 
 
 def test_usage_errors_exit_2(capsys) -> None:

@@ -106,6 +106,7 @@ class ServerState:
     honour_range: bool = True
     send_length: bool = True
     status_override: int | None = None  # answer every request that finds its file with this error
+    redirects: dict[str, str] = field(default_factory=dict)  # path -> Location of a 302
     requests: list[dict[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -121,6 +122,12 @@ def _handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
             with state.lock:
                 state.requests.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
                 cut, state.cut_after = state.cut_after, None
+            if self.path in state.redirects:
+                self.send_response(302)
+                self.send_header("Location", state.redirects[self.path])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             body = state.files.get(self.path)
             if body is None:
                 self.send_error(404, "Not Found")

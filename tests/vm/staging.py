@@ -123,3 +123,10 @@ def bad_bundles(good: bytes, signing_key: Path, foreign_key: Path) -> dict[str, 
                 _with_manifest(good, signing_key, tmp, rootfs__bytes=64 * 1024 * MiB), r"does not fit"
             ),
         }
+
+
+def relabelled(good: bytes, key: Path, version: str) -> bytes:
+    """`good` re-signed by `key` claiming another `version`: a genuine bundle for the test keys, at once
+    (building one from a tree takes minutes under the image's size)."""
+    with tempfile.TemporaryDirectory() as t:
+        return _with_manifest(good, key, Path(t), version=version)
