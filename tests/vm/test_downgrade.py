@@ -8,9 +8,7 @@ running 1.0.0, and genuine in every other respect.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
