@@ -53,7 +53,7 @@ reliability: setup
 		-n $(VM_JOBS) $(RELIABILITY_TESTS)
 
 demo: setup
-	$(VENV)/bin/vm demo
+	$(VENV)/bin/reflash demo
 
 bench: setup
 	$(PY) -m bench

@@ -4,7 +4,7 @@ as a table and written to docs/performance.md with a plot of the recovery phase'
 Measured side by side on this machine: extraction vs GNU tar, verification vs sha256sum, peak
 memory, erase vs rm -rf; timed under QEMU (TCG): the recovery phase step by step, boot times under
 BIOS and UEFI, the smallest guest memory an install completes in, the full update cycle; and the cold
-and warm `mkimage build` with the size of the recovery OS it makes.
+and warm `reflash build` with the size of the recovery OS it makes.
 
 `--quick` uses small inputs and no VM or image build (seconds, for the smoke test) and writes no
 document unless `--output`.
@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mkimage.build import BuildResult
-from recovery.install import extract_payload
-from recovery.output import MiB
-from recovery.run import run
+from recovery.os.extract import extract_payload
+from recovery.core.output import MiB
+from recovery.core.run import run
 
 from . import guest as vm
 from . import tree as trees
@@ -59,7 +59,7 @@ def measure_extract(inputs: Inputs, scratch: Path, repeat: int) -> dict[str, Tim
 
 
 def recovery_cli(*args: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
-    return [sys.executable, "-m", "recovery", *args]
+    return [sys.executable, "-m", "recovery.os", *args]
 
 
 def measure_verify(inputs: Inputs, repeat: int) -> dict[str, Timing]:
@@ -86,7 +86,8 @@ def measure_memory(inputs: Inputs, scratch: Path) -> tuple[ChildRun, ChildRun]:
 
 def demo_tree(image: BuildResult, scratch: Path) -> Path:
     """The 2.0.0 release's system tree, extracted from its bundle (as the recovery would install it)."""
-    from recovery.bundle import Keyring, verify_bundle
+    from recovery.core.keys import Keyring
+    from recovery.core.bundle import verify_bundle
 
     target = scratch / "demo-tree"
     if target.exists():
@@ -115,7 +116,7 @@ callback that hashes it again, decompresses in a second thread and extracts with
 owners, ACLs, xattrs and sparse files. Peak memory is ru_maxrss of the command, reported by a small
 launcher (bench/peak.py) so that the benchmark's own memory is not counted.
 
-How the VM figures are taken: the demo image is built by the run itself (the warm `mkimage build`),
+How the VM figures are taken: the demo image is built by the run itself (the warm `reflash build`),
 every boot uses a fresh copy-on-write overlay of it under QEMU with TCG (no KVM), and the serial
 console's lines are stamped with the host's monotonic time as they arrive (bench/timeline.py).
 
@@ -137,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3, help="runs per contender of the file-level measurements (3)")
     p.add_argument("--vm-repeat", type=int, default=3, help="runs of each VM measurement (3)")
     p.add_argument("--image", type=Path,
-                   help="boot this finished `mkimage build` output instead of building (skips the build figures)")
+                   help="boot this finished `reflash build` output instead of building (skips the build figures)")
     p.add_argument("--only", help=f"comma-separated sections to run, of: {', '.join(SECTIONS)} (default all)")
     return p
 
@@ -195,10 +196,10 @@ class Bench:
             r.image = f"{args.image} (given with --image)"
         elif "build" in self.sections:
             out = trees.CACHE / "image"
-            say("mkimage build: cold (empty cache, downloads Debian packages), then warm")
+            say("reflash build: cold (empty cache, downloads Debian packages), then warm")
             r.build = build_times(out, trees.CACHE / "mkimage-cache", warm_runs=args.vm_repeat)
             image = vm.open_image(out)
-            r.image = "the demo image this run built (warm `mkimage build`)"
+            r.image = "the demo image this run built (warm `reflash build`)"
         elif self.sections & VM_SECTIONS or ("erase" in self.sections and not args.quick):
             _parser().error("the VM and erase measurements need an image: include the build section or give --image")
         if image is not None:

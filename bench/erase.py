@@ -1,4 +1,4 @@
-"""Erasing the system partition (`recovery.install.erase`: mkfs.ext4 keeping label and UUID) against
+"""Erasing the system partition (`recovery.os.erase.erase`: mkfs.ext4 keeping label and UUID) against
 `rm -rf` of the same tree: the two ways to get rid of an installed release."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from recovery.install import erase
-from recovery.run import run
+from recovery.os.erase import erase
+from recovery.core.run import run
 
 from .measure import Timing, cpu_seconds
 

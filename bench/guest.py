@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mkimage.build import BuildResult
 from mkimage.config import load_config
-from recovery.instruction import Instruction
+from recovery.core.instruction import Instruction
 from vm.accel import Accel, requested
 from vm.console import ConsoleClosed, ConsoleTimeout
 from vm.disk import DiskImage
@@ -32,7 +32,7 @@ TO_VERSION = "2.0.0"
 
 
 def open_image(directory: Path) -> BuildResult:
-    """A finished `mkimage build` of the demo config in `directory`."""
+    """A finished `reflash build` of the demo config in `directory`."""
     config = load_config(None, output=directory)
     result = BuildResult(config=config, disk=directory / "disk.img", keys=directory / "keys",
                          recovery=directory / "recovery",
@@ -53,7 +53,7 @@ def bundle_name(image: BuildResult, version: str = TO_VERSION) -> str:
 
 
 def stage(disk: DiskImage, image: BuildResult, *, bundle: bool = True) -> None:
-    """The 2.0.0 bundle on storage and an instruction naming it on cfg, as `updatectl install` leaves them."""
+    """The 2.0.0 bundle on storage and an instruction naming it on cfg, as `reflashctl install` leaves them."""
     path = image.bundles[TO_VERSION]
     name = f"/bundles/{bundle_name(image)}"
     if bundle:
@@ -220,8 +220,8 @@ CYCLE_MARKS = (
 
 
 def demo_cycle(guest: Guest) -> Cycle:
-    """Boot 1.0.0 with the bundle already on storage, `updatectl install FILE` in the guest, through the
-    recovery to a ready 2.0.0 whose `updatectl status` reports the install."""
+    """Boot 1.0.0 with the bundle already on storage, `reflashctl install FILE` in the guest, through the
+    recovery to a ready 2.0.0 whose `reflashctl status` reports the install."""
     image = guest.image
     disk = guest.overlay()
     name = f"/bundles/{bundle_name(image)}"
@@ -232,19 +232,19 @@ def demo_cycle(guest: Guest) -> Cycle:
         _start(m, clock)
         m.expect(guest.ready(image.config.version), BOOT)
         m.shell("true", BOOT)  # the shell is there and in step
-        m.send(f"updatectl install /storage{name}\n")
+        m.send(f"reflashctl install /storage{name}\n")
         m.expect(r"recovery: installed " + re.escape(TO_VERSION), RECOVERY)
         m.expect(guest.ready(TO_VERSION), BOOT)
         total = time.monotonic() - clock.start
-        status, out = m.shell("updatectl status", BOOT)
+        status, out = m.shell("reflashctl status", BOOT)
         if status != 0 or TO_VERSION not in out:
-            raise RuntimeError(f"updatectl status after the cycle: exit {status}: {out.strip()}")
+            raise RuntimeError(f"reflashctl status after the cycle: exit {status}: {out.strip()}")
     finally:
         m.power_cut()
         m.close()
     guest.done(disk)
     return Cycle(total=total, marks=clock.marks(CYCLE_MARKS),
-                 how="boot 1.0.0 (bundle on storage), `updatectl install FILE`, recovery, boot 2.0.0")
+                 how="boot 1.0.0 (bundle on storage), `reflashctl install FILE`, recovery, boot 2.0.0")
 
 
 def workdir(root: Path) -> Path:

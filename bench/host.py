@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from recovery.run import run
+from recovery.core.run import run
 
 
 @dataclass(frozen=True)

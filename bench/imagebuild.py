@@ -1,4 +1,4 @@
-"""`mkimage build` of the demo image, cold (an empty cache: every Debian package downloaded) and warm
+"""`reflash build` of the demo image, cold (an empty cache: every Debian package downloaded) and warm
 (the same inputs again), and the size of the recovery OS it makes."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from recovery.run import run
+from recovery.core.run import run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ class BuildTimes:
 
 
 def build_once(output: Path, cache: Path) -> float:
-    """Seconds of one `python -m mkimage build -o OUTPUT` with MKIMAGE_CACHE=CACHE."""
+    """Seconds of one `python -m reflash build -o OUTPUT` with MKIMAGE_CACHE=CACHE."""
     start = time.perf_counter()
     run([sys.executable, "-m", "mkimage", "build", "-o", output], env={"MKIMAGE_CACHE": os.fspath(cache)}, cwd=REPO)
     return time.perf_counter() - start

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mkimage.bundle import create_bundle, generate_keys
-from recovery.bundle import Keyring, VerifiedBundle, verify_bundle
+from recovery.core.keys import Keyring
+from recovery.core.bundle import VerifiedBundle, verify_bundle
 
 from . import tree as trees
 

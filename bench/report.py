@@ -7,7 +7,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from recovery.output import MiB
+from recovery.core.output import MiB
 
 from .erase import EraseResult
 from .guest import Cycle, MemoryTry
@@ -134,10 +134,10 @@ def figures(r: Results) -> list[Figure]:
         out.append(Figure("smallest guest memory the recovery completes an install in", "–", "<= 384 MiB", "–", None))
     if r.build:
         warm = statistics.median(r.build.warm)
-        out.append(Figure("`mkimage build`, cold and warm", "–", "warm <= 30 s",
+        out.append(Figure("`reflash build`, cold and warm", "–", "warm <= 30 s",
                           f"cold {r.build.cold:.0f} s, warm {warm:.1f} s", warm <= GOALS["warm_build"]))
     else:
-        out.append(Figure("`mkimage build`, cold and warm", "–", "warm <= 30 s", "–", None))
+        out.append(Figure("`reflash build`, cold and warm", "–", "warm <= 30 s", "–", None))
     if r.erase:
         ratio = r.erase.rm.median / r.erase.erase.median
         out.append(Figure("erase of the system partition", "`rm -rf` of the same tree", "faster",
@@ -228,7 +228,7 @@ def erase_section(r: Results) -> list[str]:
         "with the tree; `rm -rf` removes a `cp -a` copy of the tree from a directory on the same host file "
         "system. Each is timed with the `sync` after it, the preparation untimed; they take turns.", "",
         "| how | median s | min s | max s | CPU s (median) |", "|---|---:|---:|---:|---:|",
-        f"| `recovery.install.erase` (mkfs.ext4) | {e.erase.median:.2f} | {e.erase.min:.2f} | {e.erase.max:.2f} | "
+        f"| `recovery.os.erase.erase` (mkfs.ext4) | {e.erase.median:.2f} | {e.erase.min:.2f} | {e.erase.max:.2f} | "
         f"{e.erase.cpu_median:.2f} |",
         f"| `rm -rf` | {e.rm.median:.2f} | {e.rm.min:.2f} | {e.rm.max:.2f} | {e.rm.cpu_median:.2f} |",
         "", f"Erase / `rm -rf`: **{ratio:.1f}x as fast** ({_verdict(ratio > 1.0)} of being faster); "
@@ -242,7 +242,7 @@ def build_section(r: Results) -> list[str]:
         b = r.build
         warm = statistics.median(b.warm)
         lines += [
-            "", "### `mkimage build` of the demo image", "",
+            "", "### `reflash build` of the demo image", "",
             "Cold: an empty cache (`MKIMAGE_CACHE` pointed at a new directory), so mmdebstrap downloads every "
             "Debian package of the system and recovery roots from deb.debian.org; its time depends on the "
             "network as much as on this machine. Warm: the same command again with that cache.", "",
@@ -275,7 +275,7 @@ def phase_section(r: Results) -> list[str]:
     lines = [
         "", "### The recovery phase under TCG", "",
         "Demo image, BIOS, 1 vCPU, 1024 MiB guest; the 2.0.0 bundle and an instruction staged on a fresh overlay "
-        f"per run, as `updatectl install` leaves them. Every console line is stamped with the host's monotonic "
+        f"per run, as `reflashctl install` leaves them. Every console line is stamped with the host's monotonic "
         f"time as it arrives; the phase runs from GRUB's `Loading the recovery OS` to GRUB's `Loading the "
         f"system` after the reboot. {len(r.phase)} runs; the share is of the median run (the one plotted).", "",
         f"![timeline of the median run]({TIMELINE})", "",
@@ -351,7 +351,7 @@ def cycle_section(r: Results) -> list[str]:
     med = sorted(r.cycle, key=lambda c: c.total)[(len(r.cycle) - 1) // 2]
     m = med.marks
     parts = [("boot 1.0.0 to ready", 0.0, m.get("ready_old")),
-             ("ready to GRUB choosing the recovery (updatectl install, reboot)", m.get("ready_old"), m.get("grub_recovery")),
+             ("ready to GRUB choosing the recovery (reflashctl install, reboot)", m.get("ready_old"), m.get("grub_recovery")),
              ("recovery phase to GRUB choosing 2.0.0", m.get("grub_recovery"), m.get("grub_system")),
              ("boot 2.0.0 to ready", m.get("grub_system"), m.get("ready_new"))]
     lines = [

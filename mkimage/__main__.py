@@ -1,3 +1,5 @@
+"""`python -m mkimage`: the `reflash` command line."""
+
 import sys
 
 from .cli import main

@@ -1,4 +1,4 @@
-"""`mkimage build` and `mkimage recovery`: the whole appliance image, or only its recovery partition."""
+"""`reflash build` and `reflash recovery`: the whole appliance image, or only its recovery partition."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from recovery.errors import Rejected
-from recovery.instruction import format_envblock
-from recovery.keys import load_private_key, public_key_pem
-from recovery.output import step
+from recovery.core.errors import Rejected
+from recovery.core.envblock import format_envblock
+from recovery.core.keys import load_private_key, public_key_pem
+from recovery.core.output import step
 
 from .config import ImageConfig, MiB
 from .disk import Placement, assemble, make_ext4
@@ -22,7 +22,7 @@ from .system import build_system_base, prepare_system_tree
 
 log = logging.getLogger(__name__)
 
-# What `mkimage recovery` writes for other image builders: source it from their grub.cfg.
+# What `reflash recovery` writes for other image builders: source it from their grub.cfg.
 GRUB_SNIPPET = "grub-recovery.cfg"
 RECOVERY_IMAGE = "recovery.ext4"
 
@@ -123,7 +123,7 @@ def _signing_keys(config: ImageConfig, out: Path) -> tuple[Path, Path]:
     private, public = config.key_dir / "signing.pem", config.key_dir / "signing.pub"
     for path in (private, public):
         if not path.is_file():
-            raise Rejected(f"key_dir {config.key_dir} lacks {path.name} (make both with `mkimage keygen DIR`)")
+            raise Rejected(f"key_dir {config.key_dir} lacks {path.name} (make both with `reflash keygen DIR`)")
     keys.mkdir(parents=True, exist_ok=True)
     for stale in keys.glob("*.pub"):
         stale.unlink()

@@ -4,7 +4,7 @@ The payload is a pax tar. From a directory GNU tar writes it (`--xattrs --acls -
 --numeric-owner`: the reference implementation for every kind of metadata); from a tar, libarchive
 re-encodes each entry as pax, keeping the xattrs, ACLs and sparse maps it read.
 
-ACL entries must carry numbers (recovery/acl.py says why). GNU tar writes names where this machine
+ACL entries must carry numbers (recovery/core/acl.py says why). GNU tar writes names where this machine
 knows them: such a payload is re-encoded once with the numbers this machine gives those names, which
 are the numbers the tree had. A tar given as the source must carry numbers itself.
 """
@@ -25,19 +25,15 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from recovery.bundle import (
-    BLOCK_SIZE, MAX_MANIFEST, BlockDigests,
-    CHUNK, FORMAT, MANIFEST_NAME, SIGNATURE_NAME, Compression, Manifest, PayloadInfo, Signature,
-)
-from recovery.acl import USER, AclEntry, acl_entries, has_acl, number_acl, without_id
-from recovery.atomic import atomic_write, fsync_dir
-from recovery.libarchive_api import (
-    ArchiveError, PaxWriter, TarReader, entry_hardlink, entry_pathname, entry_size, is_regular,
-)
-from recovery.errors import Rejected
-from recovery.keys import keyid, load_private_key, private_key_pem, public_key_pem, raw_public_key
-from recovery.output import step
-from recovery.run import run
+from recovery.core.manifest import BLOCK_SIZE, MAX_MANIFEST, BlockDigests, FORMAT, MANIFEST_NAME, SIGNATURE_NAME, Compression, Manifest, PayloadInfo, Signature
+from recovery.core.bundle import CHUNK
+from recovery.core.acl import USER, AclEntry, acl_entries, has_acl, number_acl, without_id
+from recovery.core.atomic import atomic_write, fsync_dir
+from recovery.core.libarchive_api import ArchiveError, PaxWriter, TarReader, entry_hardlink, entry_pathname, entry_size, is_regular
+from recovery.core.errors import Rejected
+from recovery.core.keys import keyid, load_private_key, private_key_pem, public_key_pem, raw_public_key
+from recovery.core.output import step
+from recovery.core.run import run
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The `mkimage` command line."""
+"""The `reflash` command line: the build host's commands (keys, bundles, images, feeds) and the rig's."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
-from recovery.cli import add_debug, run_cli
-from recovery.errors import Rejected
+from recovery.core.cli import add_debug, run_cli
+from recovery.core.bundle import verify_bundle
+from recovery.core.errors import Rejected
+from recovery.core.keys import Keyring
+from vm.cli import add_commands as add_rig_commands
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -79,8 +82,16 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    bundle = verify_bundle(args.bundle, Keyring.load(args.keys), product=args.product)
+    m = bundle.manifest
+    print(f"valid: {m.product} {m.version}, signed by {bundle.keyid}, {m.rootfs_files} files, {m.rootfs_bytes} bytes")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mkimage", description="Build bundles, the recovery OS and disk images.")
+    p = argparse.ArgumentParser(prog="reflash", description="Build bundles, the recovery OS and disk images; "
+                                "publish releases; boot images under QEMU.")
     add_debug(p)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -117,6 +128,14 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("-c", "--config", type=Path, help="image.toml (default: the embedded demo config)")
         c.add_argument("-o", "--output", type=Path, help="output directory (default: out/)")
         c.set_defaults(run=fn)
+
+    v = sub.add_parser("verify", help="verify a bundle in full against a key directory; writes nothing")
+    v.add_argument("--keys", type=Path, required=True, help="a directory of trusted public keys (*.pub)")
+    v.add_argument("--product", help="the product the bundle must be for")
+    v.add_argument("bundle", type=Path)
+    v.set_defaults(run=cmd_verify)
+
+    add_rig_commands(sub)
     return p
 
 

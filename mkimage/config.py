@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from recovery.errors import Rejected
+from recovery.core.errors import Rejected
 
 MiB = 1024 * 1024
 
@@ -62,7 +62,7 @@ class Partitions:
 
 @dataclass(frozen=True)
 class ImageConfig:
-    """Everything one `mkimage build` needs to know, resolved and checked."""
+    """Everything one `reflash build` needs to know, resolved and checked."""
 
     product: str
     version: str

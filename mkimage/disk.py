@@ -13,9 +13,9 @@ from pathlib import Path
 
 import parted
 
-from recovery.errors import Failed
-from recovery.output import step
-from recovery.run import run
+from recovery.core.errors import Failed
+from recovery.core.output import step
+from recovery.core.run import run
 
 from .config import MiB, ImageConfig
 

@@ -7,9 +7,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from recovery.errors import Failed
-from recovery.output import step
-from recovery.run import run
+from recovery.core.errors import Failed
+from recovery.core.output import step
+from recovery.core.run import run
 
 from .config import Firmware
 

@@ -13,8 +13,8 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from recovery.errors import Failed
-from recovery.run import run
+from recovery.core.errors import Failed
+from recovery.core.run import run
 
 SONAME = "libxml2.so.2"
 _IMPORT = re.compile(r"\*UND\*\s+\S+\s+\((LIBXML2_[0-9.]+)\)\s+(\w+)\s*$")

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from recovery.run import run
+from recovery.core.run import run
 
 # Paths below /usr/lib/modules/<version>/kernel/. Dependencies are added from modules.dep.
 RECOVERY_MODULES = (

@@ -1,4 +1,5 @@
-"""The project inside the images: the `recovery` package on Python's path and its commands."""
+"""The project inside the images: each image gets the shared core and its own program, with its command:
+the recovery OS `recovery.os` (`recovery`), the system `recovery.updated` (`reflashctl`)."""
 
 from __future__ import annotations
 
@@ -6,23 +7,27 @@ import shutil
 import sys
 from pathlib import Path
 
-from recovery.run import run
+from recovery.core.run import run
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def install_project(root: Path) -> None:
-    """Put the project's `recovery` package on the root's Python path, with its commands."""
+# program -> (its command, the module whose main() it runs)
+PROGRAMS = {"os": ("recovery", "recovery.os.cli"), "updated": ("reflashctl", "recovery.updated.cli")}
+
+
+def install_project(root: Path, program: str) -> None:
+    """Put `recovery.core` and `recovery.<program>` on the root's Python path, with the program's command."""
+    command, module = PROGRAMS[program]
     site = root / "usr/lib/python3/dist-packages/recovery"
     if site.exists():
         shutil.rmtree(site)
-    shutil.copytree(REPO / "recovery", site, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for command, module in (("updatectl", "recovery.updatectl"), ("recovery", "recovery.cli")):
-        _write(
-            root / "usr/local/bin" / command,
-            f"#!/usr/bin/python3\nimport sys\nfrom {module} import main\nsys.exit(main())\n",
-            mode=0o755,
-        )
+    site.mkdir(parents=True)
+    shutil.copy2(REPO / "recovery/__init__.py", site / "__init__.py")
+    for package in ("core", program):
+        shutil.copytree(REPO / "recovery" / package, site / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    _write(root / "usr/local/bin" / command, f"#!/usr/bin/python3\nimport sys\nfrom {module} import main\nsys.exit(main())\n",
+           mode=0o755)
     # The guest runs Debian 12's Python 3.11, like this host: byte-compiling here saves seconds under
     # TCG. -s/-p make tracebacks name the guest's paths, not this build directory's.
     if sys.version_info[:2] == (3, 11):

@@ -1,5 +1,5 @@
-"""`mkimage publish`: a directory any static web server can serve, with the bundles, a signed
-`releases.json` (what `updatectl check` reads) and `releases.rss` (for people).
+"""`reflash publish`: a directory any static web server can serve, with the bundles, a signed
+`releases.json` (what `reflashctl check` reads) and `releases.rss` (for people).
 
 Publishing into a directory that already holds a feed adds to it: earlier releases whose files are
 still there stay listed, with their notes. Every publish signs a new `updated` time (and `expires`,
@@ -22,14 +22,15 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from recovery.atomic import atomic_write, fsync_dir
-from recovery.bundle import Signature, verify_bundle
-from recovery.errors import Failed, Rejected
-from recovery.feed import FEED_NAME, SIGNATURE_SUFFIX, Feed, Release, verify_feed
-from recovery.keys import Keyring, keyid, load_private_key, raw_public_key
-from recovery.output import control_characters
-from recovery.status import now
-from recovery.version import Version
+from recovery.core.atomic import atomic_write, fsync_dir
+from recovery.core.manifest import Signature
+from recovery.core.bundle import verify_bundle
+from recovery.core.errors import Failed, Rejected
+from recovery.core.feed import FEED_NAME, SIGNATURE_SUFFIX, Feed, Release, verify_feed
+from recovery.core.keys import Keyring, keyid, load_private_key, raw_public_key
+from recovery.core.output import control_characters
+from recovery.core.result import now
+from recovery.core.version import Version
 
 log = logging.getLogger(__name__)
 
@@ -221,11 +222,11 @@ def rss(feed: Feed, *, base_url: str | None = None) -> bytes:
     ET.SubElement(channel, "title").text = f"{feed.product} releases"
     ET.SubElement(channel, "link").text = link(RSS_NAME)
     ET.SubElement(channel, "description").text = (
-        f"Signed releases of {feed.product}; updatectl reads {FEED_NAME}."
+        f"Signed releases of {feed.product}; reflashctl reads {FEED_NAME}."
     )
     if feed.updated:
         ET.SubElement(channel, "lastBuildDate").text = _rfc822(feed.updated)
-    ET.SubElement(channel, "generator").text = "mkimage publish"
+    ET.SubElement(channel, "generator").text = "reflash publish"
     for release in sorted(feed.releases, key=lambda r: r.key, reverse=True):
         item = ET.SubElement(channel, "item")
         ET.SubElement(item, "title").text = f"{feed.product} {release.version}"

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
-from recovery.errors import Failed
-from recovery.output import step
-from recovery.run import run
+from recovery.core.errors import Failed
+from recovery.core.output import step
+from recovery.core.run import run
 
 from .config import ImageConfig
 from .libxml2stub import build_libxml2_stub
@@ -60,10 +60,10 @@ TRIM = (
 )
 
 INIT = """#!/bin/sh
-# The recovery OS's PID 1 is the project's recovery init (recovery/init.py): it never returns.
+# The recovery OS's PID 1 is the project's recovery init (recovery/os/pid1.py): it never returns.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1
-exec /usr/bin/python3 -c 'from recovery.init import main; main()'
+exec /usr/bin/python3 -c 'from recovery.os.pid1 import main; main()'
 """
 
 
@@ -135,7 +135,7 @@ def _fill_overlay(overlay: Path, base: Path, kver: str, config: ImageConfig, key
         shutil.copy2(key, etc / "keys" / key.name)
     # e2fsck and mount look for mounted file systems in /etc/mtab.
     (overlay / "etc/mtab").symlink_to("../proc/self/mounts")
-    install_project(overlay)
+    install_project(overlay, "os")
     build_libxml2_stub(base / "usr/lib/x86_64-linux-gnu/libarchive.so.13", overlay / "usr/lib/x86_64-linux-gnu")
     n = copy_modules(base / "usr/lib/modules" / kver, kver, RECOVERY_MODULES, overlay)
     log.info("kept %d kernel modules", n)

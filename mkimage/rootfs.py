@@ -10,9 +10,9 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from recovery.errors import Failed
-from recovery.output import step
-from recovery.run import run
+from recovery.core.errors import Failed
+from recovery.core.output import step
+from recovery.core.run import run
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,13 @@
-"""The demo system: a small Debian that boots fast under TCG, runs `updatectl` and says when it is up."""
+"""The demo system: a small Debian that boots fast under TCG, runs `reflashctl` and says when it is up."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from recovery.errors import Failed
-from recovery.output import step
-from recovery.run import run
+from recovery.core.errors import Failed
+from recovery.core.output import step
+from recovery.core.run import run
 
 from .config import ImageConfig
 from .modules import SYSTEM_MODULES, trim_modules
@@ -88,7 +88,7 @@ def build_system_base(config: ImageConfig) -> Path:
 def prepare_system_tree(base: Path, config: ImageConfig, version: str, dest: Path, keys: list[Path]) -> Path:
     """Copy the cached base to `dest` and make it release `version` of the product.
 
-    `keys` are the public keys `updatectl` trusts.
+    `keys` are the public keys `reflashctl` trusts.
     """
     with step(f"Preparing the system tree {config.product} {version}"):
         if dest.exists():
@@ -120,7 +120,7 @@ def prepare_system_tree(base: Path, config: ImageConfig, version: str, dest: Pat
         for key in keys:
             (dest / "etc/recovery/keys").mkdir(parents=True, exist_ok=True)
             shutil.copy2(key, dest / "etc/recovery/keys" / key.name)
-        install_project(dest)
+        install_project(dest, "updated")
     return dest
 
 
@@ -152,7 +152,7 @@ def _os_release(config: ImageConfig, version: str) -> str:
 
 
 def _system_toml(config: ImageConfig) -> str:
-    """updatectl's configuration (recovery/sysconfig.py): where cfg and storage are mounted."""
+    """reflashctl's configuration (recovery/updated/sysconfig.py): where cfg and storage are mounted."""
     return (
         f'product = "{config.product}"\n'
         'keys = "/etc/recovery/keys"\n'

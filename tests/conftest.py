@@ -1,7 +1,7 @@
 """Shared test set-up: capability markers that explain a skip instead of passing silently."""
 
 
-# --- The built demo image (mkimage build), shared by the mkimage unit tests and the VM rig -------------
+# --- The built demo image (reflash build), shared by the mkimage unit tests and the VM rig -------------
 
 import hashlib  # noqa: E402
 import os  # noqa: E402

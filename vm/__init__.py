@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recovery.errors import UpdateError
+from recovery.core.errors import UpdateError
 
 
 class VMError(UpdateError):

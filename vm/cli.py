@@ -1,4 +1,5 @@
-"""The `vm` command line: boot an image with its console on the terminal; `vm demo` runs the whole cycle."""
+"""The rig's commands on the `reflash` command line: `reflash run` boots an image with its console on the
+terminal, `reflash demo` runs the whole cycle."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import sys
 import tempfile
 import termios
 import tty
-from collections.abc import Sequence
 from pathlib import Path
 
-from recovery.cli import UsageError, add_debug, run_cli
+from recovery.core.cli import UsageError
 
 from . import VMError
 from .disk import DiskImage
@@ -104,11 +104,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vm", description="Boot appliance images under QEMU.")
-    add_debug(p)
-    sub = p.add_subparsers(dest="command", required=True)
-
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The rig's commands, `reflash run` and `reflash demo` (mkimage.cli makes the `reflash` parser)."""
     r = sub.add_parser("run", help="boot an image with its serial console on this terminal")
     r.add_argument("image", type=Path, nargs="?", help="disk image (raw or qcow2); booted through an overlay")
     r.add_argument("--firmware", type=Firmware, choices=list(Firmware), default=Firmware.bios)
@@ -126,12 +123,3 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", type=Path, help="where the images are (built); default: out/")
     d.add_argument("--no-build", action="store_true", help="use the images already in the output directory")
     d.set_defaults(run=cmd_demo)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(parser(), argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,9 @@
-"""`vm demo`: the whole update cycle on the demo image, narrated stage by stage with the host's clock.
+"""`reflash demo`: the whole update cycle on the demo image, narrated stage by stage with the host's clock.
 
 The published releases are served from the host's loopback; the guest reaches them only through
-QEMU's restricted user-mode network and one guestfwd (10.0.2.100:80). In the guest `updatectl
+QEMU's restricted user-mode network and one guestfwd (10.0.2.100:80). In the guest `reflashctl
 install --latest` downloads, verifies, stages and reboots; the recovery installs; the new release
-boots and `updatectl status` must say what happened. Everything is read off the serial console.
+boots and `reflashctl status` must say what happened. Everything is read off the serial console.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from recovery.feed import FEED_NAME, Version
+from recovery.core.feed import FEED_NAME
+from recovery.core.version import Version
 
 from . import VMError, deadlines
 from .deadlines import BOOT, KERNEL, RECOVERY
@@ -58,7 +59,7 @@ class DemoReport:
     to_version: str
     stages: tuple[Stage, ...]
     address: str  # the guest's address from DHCP
-    status: str  # `updatectl status` as the new release printed it
+    status: str  # `reflashctl status` as the new release printed it
     console_log: Path
     fetched: tuple[str, ...]  # what the guest got from the host's server (HTTP 200), in order
 
@@ -120,7 +121,7 @@ def signing_key(built: BuildResult) -> Path:
 
 
 def publish_releases(built: BuildResult, directory: Path) -> str:
-    """`mkimage publish` of every built bundle into `directory` (made afresh); the newest version."""
+    """`reflash publish` of every built bundle into `directory` (made afresh); the newest version."""
     from mkimage.publish import publish
 
     if directory.exists():
@@ -167,15 +168,15 @@ class _Cycle:
         return address
 
     def install(self, size: int) -> str:
-        """`updatectl install --latest` up to the reboot it starts; the version it staged.
+        """`reflashctl install --latest` up to the reboot it starts; the version it staged.
 
         `size` is the newest bundle's, for the download's rate."""
         m, say = self.m, self.narrator
-        self.where = "updatectl install"
-        m.shell("rm -f /run/updatectl.err /run/updatectl.out", COMMAND)  # also: the shell is at its prompt
+        self.where = "reflashctl install"
+        m.shell("rm -f /run/reflashctl.err /run/reflashctl.out", COMMAND)  # also: the shell is at its prompt
         # The exit status comes back as `demo-exit=N`; typed as `demo-''exit` so the echo does not match.
         # Through tee, stdout is no terminal: progress comes as whole lines, as on any serial console.
-        m.send(f"updatectl install --latest {FEED_URL} 2>/run/updatectl.err | tee /run/updatectl.out; "
+        m.send(f"reflashctl install --latest {FEED_URL} 2>/run/reflashctl.err | tee /run/reflashctl.out; "
                "echo demo-''exit=${PIPESTATUS[0]}\n")
         done = r"demo-exit=(?P<code>\d+)\r?\n"
 
@@ -183,9 +184,9 @@ class _Cycle:
             match = self.expect(f"(?:{pattern})|{done}", timeout)
             if match.group("code") is not None:
                 if match.group("code") == "0":
-                    said = self._last_line("/run/updatectl.out")
-                    raise DemoFailed(f"updatectl exited 0 without staging an update: {said}")
-                raise DemoFailed(f"updatectl install: {self._last_line('/run/updatectl.err')}")
+                    said = self._last_line("/run/reflashctl.out")
+                    raise DemoFailed(f"reflashctl exited 0 without staging an update: {said}")
+                raise DemoFailed(f"reflashctl install: {self._last_line('/run/reflashctl.err')}")
             return match
 
         self.where = "downloading"
@@ -230,18 +231,18 @@ class _Cycle:
         say.mark("reboot-system", f"rebooted: GRUB boots the system ({version})")
 
     def status(self, from_version: str, version: str) -> str:
-        self.where = "updatectl status"
-        code, out = self.m.shell("updatectl status", COMMAND)
+        self.where = "reflashctl status"
+        code, out = self.m.shell("reflashctl status", COMMAND)
         text = out.strip()
-        self.narrator.mark("status", "updatectl status:")
+        self.narrator.mark("status", "reflashctl status:")
         for status_line in text.splitlines():
             self.narrator.say(f"demo:            {status_line}")
         if code != 0:
-            raise DemoFailed(f"updatectl status exited {code}: {text.splitlines()[-1] if text else ''}")
+            raise DemoFailed(f"reflashctl status exited {code}: {text.splitlines()[-1] if text else ''}")
         want = (f"running: {self.product} {version}", f"last update: installed {from_version} -> {version}")
         lines = text.splitlines()
         if want[0] not in lines or not any(ln.startswith(want[1]) for ln in lines):
-            raise DemoFailed(f"updatectl status does not say {want[1]!r}")
+            raise DemoFailed(f"reflashctl status does not say {want[1]!r}")
         return text
 
 
@@ -282,7 +283,7 @@ def run_demo(
                 address = cycle.network()
                 staged = cycle.install(built.bundles[to_version].stat().st_size)
                 if staged != to_version:
-                    raise DemoFailed(f"updatectl staged {staged}, expected the newest release {to_version}")
+                    raise DemoFailed(f"reflashctl staged {staged}, expected the newest release {to_version}")
                 cycle.recovery(to_version)
                 cycle.ready(to_version, "ready")
                 status = cycle.status(from_version, to_version)

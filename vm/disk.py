@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from recovery.run import run
+from recovery.core.run import run
 
 from . import VMError
 from .drive import ImageFormat

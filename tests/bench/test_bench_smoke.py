@@ -36,7 +36,7 @@ def test_bench_quick(tmp_path: Path) -> None:
     # A Python process with its libraries is tens of MiB: not zero, and not the benchmark's own size.
     assert all(5 < float(m.replace(",", "")) < 500 for m in memory.groups())
     assert re.search(r"\| quick \| [\d,]+ \| [\d,]+ \(", out)
-    assert re.search(r"\| `recovery.install.erase` \(mkfs.ext4\) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out)
+    assert re.search(r"\| `recovery.os.erase.erase` \(mkfs.ext4\) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out)
     assert re.search(r"Erase / `rm -rf`: \*\*[\d.]+x as fast\*\*", out)
     # the summary lists every figure of the issue; what --quick does not measure says so
     summary = [line for line in out.splitlines() if line.startswith("| ") and line.endswith(" |")][:11]

@@ -14,7 +14,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from recovery.bundle import BLOCK_SIZE, BlockDigests, Compression, Manifest, PayloadInfo, VerifiedBundle
+from recovery.core.manifest import BLOCK_SIZE, BlockDigests, Compression, Manifest, PayloadInfo
+from recovery.core.bundle import VerifiedBundle
 
 MTIME = 1_700_000_000
 

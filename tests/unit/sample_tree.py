@@ -13,7 +13,7 @@ import stat
 import tarfile
 from pathlib import Path
 
-from recovery.run import run
+from recovery.core.run import run
 
 # Everything gets a fixed mtime (with nanoseconds, which pax keeps) so trees can be compared.
 SAMPLE_MTIME_NS = 1_700_000_000_123_456_789
@@ -213,8 +213,8 @@ def assemble_bundle(path: Path, members: list[tuple[str, bytes]], *, tar_format:
 
 def sign_manifest(manifest: bytes, private_pem: Path) -> bytes:
     """The manifest.json.sig a bundle made with `private_pem` carries for these manifest bytes."""
-    from recovery.bundle import Signature
-    from recovery.keys import keyid, load_private_key, raw_public_key
+    from recovery.core.manifest import Signature
+    from recovery.core.keys import keyid, load_private_key, raw_public_key
 
     key = load_private_key(private_pem)
     return Signature(keyid(raw_public_key(key.public_key())), key.sign(manifest)).to_json()

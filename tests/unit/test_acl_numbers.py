@@ -19,11 +19,11 @@ import libarchive
 import pytest
 
 from mkimage.bundle import create_bundle
-from recovery.acl import ACCESS, DEFAULT, GROUP, USER, acl_entries
-from recovery.bundle import verify_bundle
-from recovery.errors import Failed, Rejected
-from recovery.install import apply_bundle, extract_payload
-from recovery.keys import Keyring
+from recovery.core.acl import ACCESS, DEFAULT, GROUP, USER, acl_entries
+from recovery.core.bundle import verify_bundle
+from recovery.core.errors import Failed, Rejected
+from recovery.os.extract import apply_bundle, extract_payload
+from recovery.core.keys import Keyring
 
 from .payloads import raw_bundle
 

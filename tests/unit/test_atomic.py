@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from recovery import instruction
-from recovery.atomic import EXT4_IOC_CHECKPOINT, atomic_write, checkpoint_journal, durable_unlink
-from recovery.instruction import Instruction, clear_try, read_instruction, write_instruction
+from recovery.core import instruction
+from recovery.core.atomic import EXT4_IOC_CHECKPOINT, atomic_write, checkpoint_journal, durable_unlink
+from recovery.core.instruction import Instruction, clear_try, read_instruction, write_instruction
 
 
 def test_atomic_write_replaces_and_leaves_no_temp_file(tmp_path: Path) -> None:
@@ -103,14 +103,14 @@ def test_checkpoint_puts_a_durable_change_where_a_reader_without_the_journal_see
 
 
 def test_recovery_retry_writes_both_counters_out_for_grub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from recovery import init
+    from recovery.os import installer, pid1
 
     cfg = tmp_path / "cfg"
     (cfg / "recovery").mkdir(parents=True)
-    write_instruction(cfg / init.INSTRUCTION, Instruction.create(
+    write_instruction(cfg / installer.INSTRUCTION, Instruction.create(
         disk="PARTLABEL=storage", file="/bundles/a.bundle", sha256="ab" * 32, version="2.0.0"))
     seen: list[Path] = []
-    monkeypatch.setattr(init, "checkpoint_journal", lambda path: seen.append(Path(path)) or True)
-    init.retry(cfg)
+    monkeypatch.setattr(pid1, "checkpoint_journal", lambda path: seen.append(Path(path)) or True)
+    pid1.retry(cfg)
     # no try was counted, so clear_try wrote nothing: the fallback counter's new block still needs it
-    assert seen == [cfg] and (cfg / init.FALLBACK_COUNTER).stat().st_size == 1024
+    assert seen == [cfg] and (cfg / installer.FALLBACK_COUNTER).stat().st_size == 1024

@@ -9,8 +9,9 @@ import re
 import pytest
 
 from mkimage.grub import BOOTLOADER
-from recovery.cmdline import Boot, CommandLineRefused, kernel_parameters
-from recovery.init import Console, boot_from
+from recovery.os.cmdline import Boot, CommandLineRefused, kernel_parameters
+from recovery.os.console import Console
+from recovery.os.pid1 import boot_from
 
 CONSOLE = "console=tty0 console=ttyS0,115200"
 

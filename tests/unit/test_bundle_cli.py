@@ -1,4 +1,4 @@
-"""The command lines, run as a user runs them: `mkimage keygen`, `mkimage bundle`, `recovery verify`."""
+"""The `reflash` command line run as a user runs it (`python -m mkimage` is `reflash`): keygen, bundle, verify."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_verify_accepts_a_good_bundle(made: tuple[Path, Path]) -> None:
     keys, bundle = made
-    result = cli("recovery", "verify", "--keys", keys, "--product", "demo", bundle)
+    result = cli("mkimage", "verify", "--keys", keys, "--product", "demo", bundle)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("valid: demo 2.0, signed by ")
     assert result.stderr == ""
@@ -40,7 +40,7 @@ def test_verify_accepts_a_good_bundle(made: tuple[Path, Path]) -> None:
 
 def test_verify_rejects_with_one_line(made: tuple[Path, Path], tmp_path: Path) -> None:
     keys, bundle = made
-    result = cli("recovery", "verify", "--keys", keys, "--product", "other", bundle)
+    result = cli("mkimage", "verify", "--keys", keys, "--product", "other", bundle)
     assert (result.returncode, result.stderr) == (1, "rejected: wrong product: the bundle is for demo, this system is other\n")
 
     tampered = tmp_path / "tampered.bundle"
@@ -48,7 +48,7 @@ def test_verify_rejects_with_one_line(made: tuple[Path, Path], tmp_path: Path) -
     with tarfile.open(bundle) as tar:
         data[tar.getmember("rootfs.tar.zst").offset_data + 50] ^= 0xFF
     tampered.write_bytes(bytes(data))
-    result = cli("recovery", "verify", "--keys", keys, tampered)
+    result = cli("mkimage", "verify", "--keys", keys, tampered)
     assert result.returncode == 1
     assert result.stderr.startswith("rejected: payload sha256 mismatch") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
@@ -56,7 +56,7 @@ def test_verify_rejects_with_one_line(made: tuple[Path, Path], tmp_path: Path) -
 
 def test_verify_usage_error_exits_2(made: tuple[Path, Path]) -> None:
     _, bundle = made
-    result = cli("recovery", "verify", bundle)  # --keys is required
+    result = cli("mkimage", "verify", bundle)  # --keys is required
     assert result.returncode == 2
     assert "--keys" in result.stderr
 

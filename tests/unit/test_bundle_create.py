@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from mkimage.bundle import create_bundle
-from recovery.bundle import Compression, Manifest, VerifiedBundle, verify_bundle
-from recovery.errors import Rejected
-from recovery.keys import Keyring
-from recovery.run import run
+from recovery.core.manifest import Compression, Manifest
+from recovery.core.bundle import VerifiedBundle, verify_bundle
+from recovery.core.errors import Rejected
+from recovery.core.keys import Keyring
+from recovery.core.run import run
 
 from .sample_tree import SAMPLE_NON_UTF8, bundle_members, make_small_tree, snapshot
 

@@ -10,9 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mkimage.bundle import create_bundle, generate_keys
-from recovery.bundle import Manifest, VerifiedBundle, verify_bundle
-from recovery.errors import Rejected
-from recovery.keys import Keyring
+from recovery.core.manifest import Manifest
+from recovery.core.bundle import VerifiedBundle, verify_bundle
+from recovery.core.errors import Rejected
+from recovery.core.keys import Keyring
 
 from .sample_tree import make_small_tree
 

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from mkimage.bundle import create_bundle, generate_keys
-from recovery.bundle import MAX_MANIFEST, Compression, Manifest, PayloadInfo, verify_bundle
-from recovery.errors import Rejected
-from recovery.keys import Keyring
-from recovery.output import MiB, Progress
-from recovery.run import run
+from recovery.core.manifest import MAX_MANIFEST, Compression, Manifest, PayloadInfo
+from recovery.core.bundle import verify_bundle
+from recovery.core.errors import Rejected
+from recovery.core.keys import Keyring
+from recovery.core.output import MiB, Progress
+from recovery.core.run import run
 
 from .sample_tree import assemble_bundle, bundle_members, make_small_tree, sign_manifest
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from recovery.download import Interrupted, Scheme, Source, download, fetch
-from recovery.errors import Rejected
+from recovery.updated.transfer import Interrupted, Scheme, Source, download, fetch
+from recovery.core.errors import Rejected
 
-from .updatectl_support import ServerState, http_server, refused_url, self_signed
+from .reflashctl_support import ServerState, http_server, refused_url, self_signed
 
 BODY = os.urandom(2 * 1024 * 1024 + 5)
 PLENTY = lambda _path: 1 << 40  # noqa: E731 - a free-space function for tests that are not about space
@@ -230,7 +230,7 @@ def test_fetch_small_documents(tmp_path: Path) -> None:
 def test_a_servers_reason_phrase_reaches_the_message_without_control_characters(tmp_path: Path) -> None:
     from http.server import BaseHTTPRequestHandler
 
-    from .updatectl_support import _Server
+    from .reflashctl_support import _Server
 
     class Hostile(BaseHTTPRequestHandler):
         def log_message(self, format: str, *args: object) -> None:

@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 
 from mkimage.bundle import generate_keys
-from recovery.bundle import Signature
-from recovery.errors import Rejected
-from recovery.feed import Feed, Release, Version, feed_source, load_feed
-from recovery.keys import Keyring, keyid, load_private_key, raw_public_key
+from recovery.core.manifest import Signature
+from recovery.core.errors import Rejected
+from recovery.core.feed import Feed, Release
+from recovery.core.version import Version
+from recovery.updated.feeds import feed_source, load_feed
+from recovery.core.keys import Keyring, keyid, load_private_key, raw_public_key
 
-from .updatectl_support import ServerState, http_server
+from .reflashctl_support import ServerState, http_server
 
 SHA = "ab" * 32
 
@@ -193,7 +195,7 @@ def test_malformed_times_are_rejected(times: dict[str, object], reason: str) -> 
 def test_feed_state_is_checked_and_kept(tmp_path: Path) -> None:
     from datetime import datetime, timezone
 
-    from recovery.feedstate import STATE, check_fresh, read_state, remember
+    from recovery.updated.feedstate import STATE, check_fresh, read_state, remember
 
     now = datetime(2026, 3, 1, tzinfo=timezone.utc)
     older = Feed("demo", (release("1.0.0"),), "2026-01-01T00:00:00+00:00")

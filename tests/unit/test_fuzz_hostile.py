@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from recovery.errors import Failed
-from recovery.install import extract_payload
+from recovery.core.errors import Failed
+from recovery.os.extract import extract_payload
 
 from .payloads import Entry, _header, _pad, _pax_record, raw_bundle, tar, tree_state
 from .test_hostile import arena, extract_hostile  # noqa: F401  (a fixture and its helper)

@@ -12,8 +12,8 @@ from typing import Any
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from recovery.bundle import BlockDigests, Compression, Manifest, PayloadInfo
-from recovery.errors import Rejected
+from recovery.core.manifest import BlockDigests, Compression, Manifest, PayloadInfo
+from recovery.core.errors import Rejected
 
 VALID = Manifest(
     format=1, product="demo-appliance", version="2.0.0", created="2026-01-02T03:04:05Z",

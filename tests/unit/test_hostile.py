@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from recovery.bundle import Compression
-from recovery.errors import Failed
-from recovery.install import extract_payload
+from recovery.core.manifest import Compression
+from recovery.core.errors import Failed
+from recovery.os.extract import extract_payload
 
 from .payloads import Entry, raw_bundle, tar, tree_state
 

@@ -14,12 +14,14 @@ from typing import Any
 
 import pytest
 
-from recovery import devices, init, install, mounts
-from recovery.config import RecoveryConfig
-from recovery.devices import PartitionInfo
-from recovery.init import INCOMPLETE, INSTRUCTION, Boot, Console, Installer
-from recovery.instruction import Instruction, write_instruction
-from recovery.status import Outcome
+from recovery.os import devices, erase, extract, installer, mounts
+from recovery.os.config import RecoveryConfig
+from recovery.os.devices import PartitionInfo
+from recovery.os.installer import INCOMPLETE, INSTRUCTION, Installer
+from recovery.os.cmdline import Boot
+from recovery.os.console import Console
+from recovery.core.instruction import Instruction, write_instruction
+from recovery.core.result import Outcome
 
 NODES = {"PARTLABEL=cfg": "/dev/vda3", "PARTLABEL=system": "/dev/vda2", "PARTLABEL=recovery": "/dev/vda5",
          "PARTLABEL=storage": "/dev/vda4"}
@@ -46,8 +48,8 @@ def machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     monkeypatch.setattr(devices, "same_device", lambda a, b: Path(a) == Path(b))
     monkeypatch.setattr(devices, "partition_info", partition_info)
     monkeypatch.setattr(mounts, "mounted_at", lambda node: state["mounted"].get(str(node), []))
-    for module, name in ((devices, "mount"), (install, "erase"), (install, "extract_payload"),
-                         (init, "atomic_write")):
+    for module, name in ((devices, "mount"), (erase, "erase"), (extract, "extract_payload"),
+                         (installer, "atomic_write")):
         monkeypatch.setattr(module, name, forbidden)
     cfg = tmp_path / "cfg"
     (cfg / "recovery").mkdir(parents=True)
@@ -108,6 +110,6 @@ def test_after_an_earlier_erase_a_refusal_is_a_failure(machine: dict[str, Any]) 
     # The system was erased by an earlier try: refusing now cannot give the old system back.
     (machine["cfg"] / INCOMPLETE).write_text('{"label": "system", "uuid": "0b1c0b6e-6a34-4b8e-9a38-7c8c3f1e2d4a"}\n')
     machine["mounted"]["/dev/vda2"] = ["/mnt/old"]
-    with pytest.raises(init.Failed, match="mounted on /mnt/old; the system partition is incomplete"):
+    with pytest.raises(installer.Failed, match="mounted on /mnt/old; the system partition is incomplete"):
         Installer(CONFIG, Boot(try_count=2), Console(), machine["cfg"]).run()
     assert machine["touched"] == []

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from mkimage.bundle import create_bundle
-from recovery.bundle import (
-    Compression, VerifiedBundle, verify_bundle,
-)
-from recovery.errors import Failed, Rejected
-from recovery.install import ExtractStats, apply_bundle, erase, extract_payload, inodes_for
-from recovery.keys import Keyring
-from recovery.run import run
+from recovery.core.manifest import Compression
+from recovery.core.bundle import VerifiedBundle, verify_bundle
+from recovery.core.errors import Failed, Rejected
+from recovery.os.extract import ExtractStats, apply_bundle, extract_payload
+from recovery.os.erase import erase, inodes_for
+from recovery.core.keys import Keyring
+from recovery.core.run import run
 
 from .payloads import payload_bytes
 from .sample_tree import (
@@ -349,7 +349,7 @@ def test_erase_refuses_a_mounted_target(tmp_path: Path) -> None:
 
 def recovery_cli(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "recovery", *map(os.fspath, args)],
+        [sys.executable, "-m", "recovery.os", *map(os.fspath, args)],
         capture_output=True, text=True, cwd=REPO, stdin=subprocess.DEVNULL,
     )
 

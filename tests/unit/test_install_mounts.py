@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from recovery.errors import Failed
-from recovery.mounts import mounted_at
-from recovery.run import run
+from recovery.core.errors import Failed
+from recovery.os.mounts import mounted_at
+from recovery.core.run import run
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: loop devices and mounts")
 

@@ -14,21 +14,9 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 import recovery as recovery_package
-from recovery.errors import Failed, Rejected
-from recovery.instruction import (
-    ENVBLK_HEADER,
-    TRY_ROOM,
-    Action,
-    DiskSpec,
-    DiskSpecKind,
-    Instruction,
-    clear_try,
-    format_envblock,
-    parse_envblock,
-    parse_instruction,
-    read_instruction,
-    write_instruction,
-)
+from recovery.core.errors import Failed, Rejected
+from recovery.core.envblock import ENVBLK_HEADER, format_envblock, parse_envblock
+from recovery.core.instruction import TRY_ROOM, Action, DiskSpec, DiskSpecKind, Instruction, clear_try, parse_instruction, read_instruction, write_instruction
 
 SHA = "3fa9" + "0123456789abcdef" * 3 + "0123456789ab"
 VALID = {
@@ -39,7 +27,7 @@ VALID = {
     "recovery_version": "2.0.0",
     "recovery_created": "2026-01-02T03:04:05Z",
 }
-RECOVERY = Path(sys.executable).parent / "recovery"
+RECOVERY = [sys.executable, "-m", "recovery.os"]  # the recovery OS's command, as a build host runs it
 
 
 def block(**changes: str | None) -> bytes:
@@ -274,7 +262,7 @@ def test_failing_rename_leaves_no_temp_file(tmp_path: Path) -> None:
 
 WRITE_AS_NOBODY = """
 import sys
-from recovery.instruction import Instruction, write_instruction
+from recovery.core.instruction import Instruction, write_instruction
 try:
     write_instruction(sys.argv[1] + "/update-instruction", Instruction.create("LABEL=s", "/x", "0" * 64, "1"))
 except Exception as e:
@@ -340,7 +328,7 @@ def test_clear_try_refuses_a_malformed_instruction(tmp_path: Path) -> None:
 
 
 def recovery(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([RECOVERY, *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([*RECOVERY, *map(str, args)], capture_output=True, text=True)
 
 
 def test_cli_write_then_show(tmp_path: Path) -> None:

@@ -11,17 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recovery.errors import Rejected
-from recovery.instruction import (
-    ENVBLK_HEADER,
-    ENVBLK_SIZE,
-    Instruction,
-    clear_try,
-    format_envblock,
-    parse_envblock,
-    read_instruction,
-    write_instruction,
-)
+from recovery.core.errors import Rejected
+from recovery.core.envblock import ENVBLK_HEADER, ENVBLK_SIZE, format_envblock, parse_envblock
+from recovery.core.instruction import Instruction, clear_try, read_instruction, write_instruction
 
 GRUB_EDITENV = shutil.which("grub-editenv")
 pytestmark = pytest.mark.skipif(GRUB_EDITENV is None, reason="needs grub-editenv (Debian package grub-common)")

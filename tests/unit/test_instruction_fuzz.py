@@ -10,15 +10,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from recovery.errors import Rejected
-from recovery.instruction import (
-    ENVBLK_HEADER,
-    ENVBLK_SIZE,
-    Instruction,
-    format_envblock,
-    parse_envblock,
-    parse_instruction,
-)
+from recovery.core.errors import Rejected
+from recovery.core.envblock import ENVBLK_HEADER, ENVBLK_SIZE, format_envblock, parse_envblock
+from recovery.core.instruction import Instruction, parse_instruction
 
 VALID = Instruction.create(
     "PARTLABEL=storage", "/bundles/demo-appliance-2.0.0.bundle", "ab" * 32, "2.0.0", "2026-01-02T03:04:05Z"

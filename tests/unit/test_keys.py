@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mkimage.bundle import generate_keys
-from recovery.errors import Rejected
-from recovery.keys import Keyring, keyid, load_private_key, load_public_key, public_key_pem, raw_public_key
+from recovery.core.errors import Rejected
+from recovery.core.keys import Keyring, keyid, load_private_key, load_public_key, public_key_pem, raw_public_key
 
 
 def test_keyid_is_the_first_16_hex_of_sha256_over_the_raw_key() -> None:

@@ -10,7 +10,7 @@ import pytest
 from mkimage.build import _signing_keys
 from mkimage.bundle import generate_keys
 from mkimage.config import load_config
-from recovery.errors import Rejected
+from recovery.core.errors import Rejected
 
 
 def test_development_key_is_generated_with_a_warning(tmp_path, caplog):

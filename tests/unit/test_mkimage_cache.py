@@ -10,7 +10,7 @@ import pytest
 from mkimage.recoveryos import recovery_spec
 from mkimage.rootfs import RootfsSpec, build_rootfs, cache_path
 from mkimage.system import system_spec
-from recovery.errors import Failed
+from recovery.core.errors import Failed
 
 
 @pytest.fixture

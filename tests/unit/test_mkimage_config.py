@@ -8,7 +8,7 @@ import pytest
 
 from mkimage.cli import main as mkimage_main
 from mkimage.config import MiB, Firmware, load_config, parse_size
-from recovery.errors import Rejected
+from recovery.core.errors import Rejected
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -143,7 +143,7 @@ def test_small_image(tmp_path):
 
 def test_tree_too_big_is_refused(tmp_path):
     from mkimage.disk import Placement, check_fits
-    from recovery.errors import Failed
+    from recovery.core.errors import Failed
 
     tree = tmp_path / "t"
     tree.mkdir()
@@ -184,8 +184,12 @@ def test_demo_system_is_release_1(built_image, demo_fs):
     os_release = debugfs(demo_fs["system"], "cat /usr/lib/os-release")
     assert f'VERSION_ID="{config.version}"' in os_release
     assert "vmlinuz" in debugfs(demo_fs["system"], "ls /boot") and "initrd.img" in debugfs(demo_fs["system"], "ls /boot")
-    assert "updatectl" in debugfs(demo_fs["system"], "ls /usr/local/bin")
-    assert "init.py" in debugfs(demo_fs["system"], "ls /usr/lib/python3/dist-packages/recovery")
+    commands = debugfs(demo_fs["system"], "ls /usr/local/bin")
+    assert "reflashctl" in commands and "recovery" not in commands.split()
+    # the system carries the shared core and its own program, not the recovery OS's
+    package = debugfs(demo_fs["system"], "ls /usr/lib/python3/dist-packages/recovery").split()
+    assert "core" in package and "updated" in package and "os" not in package
+    assert "updater.py" in debugfs(demo_fs["system"], "ls /usr/lib/python3/dist-packages/recovery/updated")
     ready = debugfs(demo_fs["system"], "cat /etc/profile.d/zz-appliance-ready.sh")
     assert f"system {config.product} {config.version} ready" in ready
     assert "signing.pem" not in debugfs(demo_fs["system"], "ls /etc/recovery/keys")
@@ -218,8 +222,8 @@ def test_demo_storage_is_empty(demo_fs):
 
 
 def test_demo_bundles_verify(built_image):
-    from recovery.bundle import verify_bundle
-    from recovery.keys import Keyring
+    from recovery.core.bundle import verify_bundle
+    from recovery.core.keys import Keyring
 
     assert set(built_image.bundles) == {"1.0.0", "2.0.0"}
     keyring = Keyring.load(built_image.keys)

@@ -62,7 +62,7 @@ def test_install_bios_patches_mbr_and_core(tmp_path):
 
 
 def test_install_bios_refuses_unaligned_offset(tmp_path):
-    from recovery.errors import Failed
+    from recovery.core.errors import Failed
 
     cores = make_core_images(Firmware.bios, esp_volume_id("x"), tmp_path)
     disk = tmp_path / "disk.img"

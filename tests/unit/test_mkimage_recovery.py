@@ -1,4 +1,4 @@
-"""`mkimage recovery`: the recovery partition for other image builders, made from the cache alone.
+"""`reflash recovery`: the recovery partition for other image builders, made from the cache alone.
 
 Runs after the session's real build (the `built_image` fixture), with an mmdebstrap on PATH that
 fails: the same inputs must not run it again.
@@ -66,7 +66,10 @@ def test_recovery_only_from_cache(built_image, tmp_path, no_mmdebstrap):
     names = overlay_listing(initrd, base, tmp_path)
     assert "init" in names
     assert "etc/recovery/recovery.toml" in names and "etc/recovery/keys/signing.pub" in names
-    assert "usr/lib/python3/dist-packages/recovery/init.py" in names
+    # the recovery OS carries the shared core and its own program, not the running system's
+    site = "usr/lib/python3/dist-packages/recovery/"
+    assert f"{site}os/pid1.py" in names and f"{site}core/bundle.py" in names and "usr/local/bin/recovery" in names
+    assert not [n for n in names if n.startswith(f"{site}updated")] and "usr/local/bin/reflashctl" not in names
     assert "usr/lib/x86_64-linux-gnu/libxml2.so.2" in names
     assert any(n.endswith("/virtio_blk.ko") for n in names) and any(n.endswith("/ext4.ko") for n in names)
 
@@ -74,7 +77,7 @@ def test_recovery_only_from_cache(built_image, tmp_path, no_mmdebstrap):
 def test_recovery_toml_is_what_recovery_config_reads():
     from mkimage.config import load_config
     from mkimage.recoveryos import recovery_toml
-    from recovery.config import RecoveryConfig
+    from recovery.os.config import RecoveryConfig
 
     text = recovery_toml(load_config(None))
     parsed = RecoveryConfig.from_dict(tomllib.loads(text))

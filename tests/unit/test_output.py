@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import re
 
-from recovery.output import MiB, Progress
+from recovery.core.output import MiB, Progress
 
 LINE = re.compile(r"^recovery: extracting (\d+)% (\d+)/(\d+) MiB ([\d.]+) MiB/s ETA (\d+) s$")
 

@@ -1,4 +1,4 @@
-"""`mkimage publish`: a servable directory whose feed verifies, whose RSS parses, and that grows by release."""
+"""`reflash publish`: a servable directory whose feed verifies, whose RSS parses, and that grows by release."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import pytest
 
 from mkimage.cli import main as mkimage
 from mkimage.publish import publish
-from recovery.bundle import verify_bundle
-from recovery.errors import Rejected
-from recovery.feed import Feed, load_feed, verify_feed
-from recovery.keys import Keyring
+from recovery.core.bundle import verify_bundle
+from recovery.core.errors import Rejected
+from recovery.core.feed import Feed, verify_feed
+from recovery.updated.feeds import load_feed
+from recovery.core.keys import Keyring
 
-from .updatectl_support import PRODUCT, Releases, make_releases
+from .reflashctl_support import PRODUCT, Releases, make_releases
 
 
 @pytest.fixture(scope="module")

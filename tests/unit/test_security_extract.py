@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from recovery import cli
-from recovery.bundle import (
-    BLOCK_SIZE, BlockDigests, Compression, Manifest, PayloadInfo, VerifiedBundle, verify_bundle,
-)
-from recovery.errors import Failed, Rejected
-from recovery.install import apply_bundle, extract_payload
-from recovery.keys import Keyring
+from recovery.os import cli
+from recovery.core.manifest import BLOCK_SIZE, BlockDigests, Compression, Manifest, PayloadInfo
+from recovery.core.bundle import VerifiedBundle, verify_bundle
+from recovery.core.errors import Failed, Rejected
+from recovery.os.extract import apply_bundle, extract_payload
+from recovery.core.keys import Keyring
 from tests.reliability import Scenario, scenario  # noqa: F401  (the fixture, also without the plugin)
 from tests.unit.sample_tree import assemble_bundle, sign_manifest
 
@@ -243,7 +242,7 @@ def test_cli_apply_refuses_a_payload_rewritten_between_verify_and_extract(
         RewriteAfterFirstBlock(bundle, verified.payload_offset + late, evil).update(0)
         return verified
 
-    monkeypatch.setattr("recovery.bundle.verify_bundle", verify_then_rewrite)
+    monkeypatch.setattr("recovery.core.bundle.verify_bundle", verify_then_rewrite)
     target = tmp_path / "target"
     target.mkdir()
     assert cli.main(["apply", "--keys", str(keys), str(bundle), "--target", str(target)]) == 1

@@ -20,27 +20,29 @@ import pytest
 
 from mkimage.cli import main as mkimage
 from mkimage.publish import publish
-from recovery import init
-from recovery.bundle import Signature
-from recovery.download import Source, download
-from recovery.errors import Rejected
-from recovery.feed import Feed, Release
-from recovery.feedstate import STATE
-from recovery.init import Boot, Console, Installer
-from recovery.instruction import Instruction, read_instruction, write_instruction
-from recovery.keys import keyid, load_private_key, raw_public_key
-from recovery.status import Outcome
+from recovery.os import installer
+from recovery.core.manifest import Signature
+from recovery.updated.transfer import Source, download
+from recovery.core.errors import Rejected
+from recovery.core.feed import Feed, Release
+from recovery.updated.feedstate import STATE
+from recovery.os.cmdline import Boot
+from recovery.os.console import Console
+from recovery.os.installer import Installer
+from recovery.core.instruction import Instruction, read_instruction, write_instruction
+from recovery.core.keys import keyid, load_private_key, raw_public_key
+from recovery.core.result import Outcome
 from tests.reliability import Scenario, scenario  # noqa: F401  (the fixture, also without the plugin)
 
 from .test_init_checks import CONFIG, machine, run  # noqa: F401  (the fake disk fixture)
-from .test_updatectl import assert_staged, updatectl
-from .updatectl_support import (
+from .test_reflashctl import assert_staged, reflashctl
+from .reflashctl_support import (
     PRODUCT, Releases, ServerState, System, http_server, make_releases, make_system, self_signed,
 )
 
-DOWNGRADE = "Downgrade refused unless allowed (updatectl install, install --latest, the recovery's own check)"
+DOWNGRADE = "Downgrade refused unless allowed (reflashctl install, install --latest, the recovery's own check)"
 REPLAY = "Replayed or expired feed rejected (signed `updated` remembered on cfg, `expires`)"
-CONTROLS = "Control characters in release notes and feed fields (mkimage publish refuses, updatectl strips)"
+CONTROLS = "Control characters in release notes and feed fields (reflash publish refuses, reflashctl strips)"
 REDIRECT = "Redirect to another scheme, or from https to http, refused"
 CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 PLENTY = lambda _path: 1 << 40  # noqa: E731
@@ -94,28 +96,28 @@ def signed_site(directory: Path, releases: Releases, feed: Feed, *, raw: bytes |
 # --- 5a. Downgrades -----------------------------------------------------------------------------
 
 
-def test_updatectl_install_refuses_a_downgrade_without_the_flag(
+def test_reflashctl_install_refuses_a_downgrade_without_the_flag(
     tmp_path: Path, releases: Releases, capsys: pytest.CaptureFixture[str], scenario: Scenario
 ) -> None:
     scenario.name = DOWNGRADE
     scenario.checked = (
-        "updatectl: a verified bundle older than the running version is refused with one line and nothing "
+        "reflashctl: a verified bundle older than the running version is refused with one line and nothing "
         "staged or left on storage; `--allow-downgrade` stages it with `recovery_allow_downgrade=1`; the "
         "recovery rejects (before any mount of storage or erase) an older version the instruction does not "
         "allow, and installs the same version or an allowed downgrade"
     )
     system = make_system(tmp_path / "newer", releases, running="2.0.0")
-    code, _, err = updatectl(system, capsys, "install", str(releases.bundles["1.0.0"]), "--no-reboot")
+    code, _, err = reflashctl(system, capsys, "install", str(releases.bundles["1.0.0"]), "--no-reboot")
     assert code == 1
     assert one_line(err) == "rejected: downgrade from 2.0.0 to 1.0.0 refused (use --allow-downgrade to install it)"
     assert not system.config.instruction.exists() and system.leftovers() == []
     # The version that counts is the verified manifest's: a bundle named like an upgrade is still refused.
     disguised = tmp_path / "demo-appliance-9.0.0.bundle"
     disguised.write_bytes(releases.bundles["1.9.0"].read_bytes())
-    code, _, err = updatectl(system, capsys, "install", str(disguised), "--no-reboot")
+    code, _, err = reflashctl(system, capsys, "install", str(disguised), "--no-reboot")
     assert code == 1 and "downgrade from 2.0.0 to 1.9.0 refused" in one_line(err)
 
-    code, out, err = updatectl(system, capsys, "install", str(releases.bundles["1.0.0"]), "--no-reboot",
+    code, out, err = reflashctl(system, capsys, "install", str(releases.bundles["1.0.0"]), "--no-reboot",
                                "--allow-downgrade")
     assert code == 0, err
     assert_staged(system, releases.bundles["1.0.0"], "1.0.0")
@@ -129,12 +131,12 @@ def test_install_latest_downgrades_only_when_allowed(
     # 3.0.0 was withdrawn: the feed's newest is 2.0.0 now.
     system = make_system(tmp_path / "withdrawn", releases, running="3.0.0")
     site = signed_site(tmp_path / "site", releases, Feed(PRODUCT, (entry(releases, "2.0.0"),), stamp(NOW)))
-    code, out, err = updatectl(system, capsys, "install", "--latest", str(site), "--no-reboot")
+    code, out, err = reflashctl(system, capsys, "install", "--latest", str(site), "--no-reboot")
     assert (code, out) == (0, "up to date: 3.0.0 is running, the newest release is 2.0.0 "
                               "(older: --allow-downgrade installs it)\n"), err
-    code, _, err = updatectl(system, capsys, "install", "--latest", str(site), "--no-reboot", "--force")
+    code, _, err = reflashctl(system, capsys, "install", "--latest", str(site), "--no-reboot", "--force")
     assert code == 0 and not system.config.instruction.exists(), err  # --force is no downgrade licence
-    code, out, err = updatectl(system, capsys, "install", "--latest", str(site), "--no-reboot", "--allow-downgrade")
+    code, out, err = reflashctl(system, capsys, "install", "--latest", str(site), "--no-reboot", "--allow-downgrade")
     assert code == 0, err
     assert_staged(system, releases.bundles["2.0.0"], "2.0.0")
     assert read_instruction(system.config.instruction).allow_downgrade
@@ -144,14 +146,14 @@ def test_reinstalling_the_running_version_is_no_downgrade(
     system: System, releases: Releases, capsys: pytest.CaptureFixture[str], scenario: Scenario
 ) -> None:
     scenario.name = DOWNGRADE
-    code, _, err = updatectl(system, capsys, "install", "--force", str(releases.bundles["1.0.0"]), "--no-reboot")
+    code, _, err = reflashctl(system, capsys, "install", "--force", str(releases.bundles["1.0.0"]), "--no-reboot")
     assert code == 0, err
     assert not read_instruction(system.config.instruction).allow_downgrade
 
 
 def stage_for_recovery(state: dict[str, Any], version: str, *, allow: bool = False) -> None:
     extra = {"allow_downgrade": True} if allow else {}  # without the key: any instruction ever written
-    write_instruction(state["cfg"] / init.INSTRUCTION, Instruction.create(
+    write_instruction(state["cfg"] / installer.INSTRUCTION, Instruction.create(
         disk="PARTLABEL=storage", file="/bundles/a.bundle", sha256="ab" * 32, version=version, **extra))
 
 
@@ -208,13 +210,13 @@ def test_a_replayed_older_feed_is_rejected(
     files = {f"/u/{p.name}": p.read_bytes() for p in old.iterdir()}
     state = ServerState(files=files)
     with http_server(state) as url:
-        code, out, err = updatectl(system, capsys, "check", url + "/u/")
+        code, out, err = reflashctl(system, capsys, "check", url + "/u/")
         assert code == 0 and out.startswith("update available: 1.9.0"), err
         assert remembered(system)["updated"] == stamp(NOW - timedelta(days=30))
         state.files = {f"/u/{p.name}": p.read_bytes() for p in new.iterdir()}
-        code, out, err = updatectl(system, capsys, "check", url + "/u/")
+        code, out, err = reflashctl(system, capsys, "check", url + "/u/")
         assert code == 0 and out.startswith("update available: 1.10.0"), err
-        code, _, err = updatectl(system, capsys, "check", url + "/u/")  # the same feed twice: fine
+        code, _, err = reflashctl(system, capsys, "check", url + "/u/")  # the same feed twice: fine
         assert code == 0, err
         accepted = remembered(system)
         assert accepted is not None and accepted["updated"] == stamp(NOW)
@@ -222,7 +224,7 @@ def test_a_replayed_older_feed_is_rejected(
 
         state.files = files  # the older signed feed, served again
         for argv in (["check", url + "/u/"], ["install", "--latest", url + "/u/", "--no-reboot"]):
-            code, _, err = updatectl(system, capsys, *argv)
+            code, _, err = reflashctl(system, capsys, *argv)
             assert code == 1
             assert one_line(err) == (
                 f"rejected: feed is older than the one accepted on {accepted['accepted']} "
@@ -241,7 +243,7 @@ def test_an_expired_feed_is_rejected(
     site = signed_site(tmp_path / "expired", releases, Feed(PRODUCT, (entry(releases, "2.0.0"),)),
                        raw=json.dumps(doc).encode())
     for argv in (["check", str(site)], ["install", "--latest", str(site), "--no-reboot"]):
-        code, _, err = updatectl(system, capsys, *argv)
+        code, _, err = reflashctl(system, capsys, *argv)
         assert (code, one_line(err)) == (1, f"rejected: feed expired on {stamp(expired)}")
     assert remembered(system) is None and not system.config.instruction.exists()
     # The publisher's answer: publish again, with a new expiry.
@@ -250,7 +252,7 @@ def test_an_expired_feed_is_rejected(
                     "--expires", "7d"]) == 0
     feed = Feed.parse((out / "releases.json").read_bytes())
     assert feed.expires_at - feed.updated_at == timedelta(days=7)
-    code, out_text, err = updatectl(system, capsys, "install", "--latest", str(out), "--no-reboot")
+    code, out_text, err = reflashctl(system, capsys, "install", "--latest", str(out), "--no-reboot")
     assert code == 0, err
     assert_staged(system, releases.bundles["2.0.0"])
 
@@ -260,12 +262,12 @@ def test_an_undated_feed_is_rejected_once_a_dated_one_was_accepted(
 ) -> None:
     scenario.name = REPLAY
     undated = signed_site(tmp_path / "undated", releases, Feed(PRODUCT, (entry(releases, "2.0.0"),)))
-    code, out, err = updatectl(system, capsys, "check", str(undated))
+    code, out, err = reflashctl(system, capsys, "check", str(undated))
     assert code == 0 and "carries no updated time" in out, err  # an old publisher, on a system that saw no dated feed
     assert remembered(system) is None
     dated = signed_site(tmp_path / "dated", releases, Feed(PRODUCT, (entry(releases, "2.0.0"),), stamp(NOW)))
-    assert updatectl(system, capsys, "check", str(dated))[0] == 0
-    code, _, err = updatectl(system, capsys, "check", str(undated))
+    assert reflashctl(system, capsys, "check", str(dated))[0] == 0
+    code, _, err = reflashctl(system, capsys, "check", str(undated))
     assert code == 1 and one_line(err).startswith(
         f"rejected: feed has no updated time, and a dated one was accepted on {remembered(system)['accepted']}")
 
@@ -275,18 +277,18 @@ def test_a_forged_newer_feed_moves_nothing(
 ) -> None:
     scenario.name = REPLAY
     good = signed_site(tmp_path / "good", releases, Feed(PRODUCT, (entry(releases, "2.0.0"),), stamp(NOW)))
-    assert updatectl(system, capsys, "check", str(good))[0] == 0
+    assert reflashctl(system, capsys, "check", str(good))[0] == 0
     before = (system.config.cfg / STATE).read_bytes()
     # Dated far ahead but signed by nobody we trust: were it remembered, every genuine feed would look old.
     forged = Feed(PRODUCT, (entry(releases, "2.0.0"),), "2099-01-01T00:00:00+00:00").to_json()
     (good / "releases.json").write_bytes(forged)
-    code, _, err = updatectl(system, capsys, "check", str(good))
+    code, _, err = reflashctl(system, capsys, "check", str(good))
     assert code == 1 and one_line(err).startswith("rejected: bad signature")
     assert (system.config.cfg / STATE).read_bytes() == before
     # An unreadable record fails closed, and says how to recover.
     (system.config.cfg / STATE).write_bytes(b"{not json")
     signed_site(good, releases, Feed(PRODUCT, (entry(releases, "2.0.0"),), stamp(NOW)))
-    code, _, err = updatectl(system, capsys, "check", str(good))
+    code, _, err = reflashctl(system, capsys, "check", str(good))
     assert code == 1 and one_line(err).endswith("remove it to accept any signed feed again")
 
 
@@ -298,8 +300,8 @@ def test_publish_refuses_control_characters_in_release_notes(
 ) -> None:
     scenario.name = CONTROLS
     scenario.checked = (
-        "`mkimage publish` refuses notes with controls other than newline and tab (one line naming the "
-        "release, nothing written) and its RSS stays well-formed XML; `updatectl check` prints no C0/C1/DEL "
+        "`reflash publish` refuses notes with controls other than newline and tab (one line naming the "
+        "release, nothing written) and its RSS stays well-formed XML; `reflashctl check` prints no C0/C1/DEL "
         "from a signed feed's notes; a feed version, product or file with controls is rejected in one line "
         "that carries none"
     )
@@ -322,7 +324,7 @@ def test_publish_refuses_control_characters_in_release_notes(
     assert item is not None and item.findtext("description") == "Line one\n\tindented & <ok>"
 
 
-def test_updatectl_check_strips_control_characters_from_a_signed_feed(
+def test_reflashctl_check_strips_control_characters_from_a_signed_feed(
     tmp_path: Path, system: System, releases: Releases, capsys: pytest.CaptureFixture[str], scenario: Scenario
 ) -> None:
     scenario.name = CONTROLS
@@ -331,7 +333,7 @@ def test_updatectl_check_strips_control_characters_from_a_signed_feed(
     notes = "Faster\x1b[31m boot\x07.\n\tFixes\x9b2J the\x7f clock.\x1b]0;title\x07"
     site = signed_site(tmp_path / "site", releases,
                        Feed(PRODUCT, (entry(releases, "2.0.0", notes=notes),), stamp(NOW)))
-    code, out, err = updatectl(system, capsys, "check", str(site))
+    code, out, err = reflashctl(system, capsys, "check", str(site))
     assert code == 0, err
     assert not CONTROL_CHARS.search(out), repr(out)
     assert out.splitlines() == ["update available: 2.0.0 (running 1.0.0)", "  Faster[31m boot.",
@@ -354,7 +356,7 @@ def test_feed_fields_with_control_characters_are_rejected_in_one_clean_line(
     else:
         doc["releases"][0][field] = value
     site = signed_site(tmp_path / "site", releases, Feed(PRODUCT, ()), raw=json.dumps(doc).encode())
-    code, out, err = updatectl(system, capsys, "check", str(site))
+    code, out, err = reflashctl(system, capsys, "check", str(site))
     assert code == 1 and out == ""
     assert re.match(f"rejected: {reason}", one_line(err)), err
     assert not CONTROL_CHARS.search(err)
@@ -390,7 +392,7 @@ def test_a_redirect_to_ftp_is_refused(tmp_path: Path, scenario: Scenario) -> Non
     scenario.checked = (
         "a 302 to ftp:// (or file://) is refused with one line and nothing is fetched from there; a 302 from "
         "https to http is refused before the http server is asked; http->https, http->http and "
-        "https->https redirects are still followed; through `updatectl install` nothing is left behind"
+        "https->https redirects are still followed; through `reflashctl install` nothing is left behind"
     )
     ftp = Listener()
     try:
@@ -444,7 +446,7 @@ def test_redirects_within_http_and_up_to_https_are_followed(
     assert [r["path"] for r in secure.requests] == ["/moved.bundle", "/real.bundle"]
 
 
-def test_updatectl_install_through_a_bad_redirect_is_one_line_and_leaves_nothing(
+def test_reflashctl_install_through_a_bad_redirect_is_one_line_and_leaves_nothing(
     system: System, capsys: pytest.CaptureFixture[str], scenario: Scenario
 ) -> None:
     scenario.name = REDIRECT
@@ -453,9 +455,9 @@ def test_updatectl_install_through_a_bad_redirect_is_one_line_and_leaves_nothing
         state = ServerState(redirects={"/x.bundle": f"ftp://127.0.0.1:{ftp.port}/x.bundle",
                                        "/feed/releases.json": f"ftp://127.0.0.1:{ftp.port}/releases.json"})
         with http_server(state) as url:
-            code, _, err = updatectl(system, capsys, "install", url + "/x.bundle", "--no-reboot")
+            code, _, err = reflashctl(system, capsys, "install", url + "/x.bundle", "--no-reboot")
             assert code == 1 and one_line(err).endswith("refused: only http and https are followed")
-            code, _, err = updatectl(system, capsys, "check", url + "/feed/")
+            code, _, err = reflashctl(system, capsys, "check", url + "/feed/")
             assert code == 1 and one_line(err).endswith("refused: only http and https are followed")
         assert not ftp.connected()
     finally:

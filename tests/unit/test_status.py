@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from recovery.atomic import atomic_write, durable_unlink
-from recovery.config import RecoveryConfig
-from recovery.errors import Rejected
-from recovery.init import Boot
-from recovery.status import Outcome, Result, append_log, log_tail, read_result, write_result
+from recovery.core.atomic import atomic_write, durable_unlink
+from recovery.os.config import RecoveryConfig
+from recovery.core.errors import Rejected
+from recovery.os.cmdline import Boot
+from recovery.core.result import Outcome, Result, append_log, log_tail, read_result, write_result
 
 CONFIG = {
     "product": "demo-appliance",

@@ -1,5 +1,5 @@
 """A verdict after failed tries of the same update keeps why they failed (`previous` in result.json),
-and `updatectl status` shows it under the last update."""
+and `reflashctl status` shows it under the last update."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from recovery.status import EARLIER_CAP, EarlierTry, Outcome, Result, read_result, write_result
-from recovery.updatectl import main
+from recovery.core.result import EARLIER_CAP, EarlierTry, Outcome, Result, read_result, write_result
+from recovery.updated.cli import main
 
-from .updatectl_support import Releases, System, make_releases, make_system
+from .reflashctl_support import Releases, System, make_releases, make_system
 
 DESIGN_KEYS = {"outcome", "reason", "from_version", "to_version", "try", "started", "finished", "seconds",
                "bytes", "files"}
@@ -88,7 +88,7 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
     return make_releases(tmp_path_factory.mktemp("releases"))
 
 
-def test_updatectl_status_shows_the_earlier_failure(
+def test_reflashctl_status_shows_the_earlier_failure(
     tmp_path: Path, releases: Releases, capsys: pytest.CaptureFixture[str]
 ) -> None:
     system: System = make_system(tmp_path / "system", releases)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recovery.instruction import Instruction
-from recovery.run import run
+from recovery.core.instruction import Instruction
+from recovery.core.run import run
 from tests.unit.sample_tree import assemble_bundle, bundle_members, sign_manifest
 from vm.disk import DiskImage
 
@@ -59,7 +59,7 @@ def stage(
     disk_spec: str = "PARTLABEL=storage",
     sha: str | None = None,
 ) -> Instruction:
-    """Put `bundle` on the storage partition and an instruction naming it on cfg, as updatectl would."""
+    """Put `bundle` on the storage partition and an instruction naming it on cfg, as reflashctl would."""
     path = f"{BUNDLES}/{name}"
     if bundle is not None:
         disk.write_file("storage", path, bundle)

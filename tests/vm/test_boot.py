@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from recovery.instruction import Instruction, parse_instruction
+from recovery.core.instruction import Instruction, parse_instruction
 from vm import deadlines
 from vm.deadlines import BOOT, RECOVERY
 from vm.disk import DiskImage

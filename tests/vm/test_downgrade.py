@@ -1,5 +1,5 @@
 """A downgrade the instruction does not allow, through the real system image: the recovery rejects it
-before touching the system (issue 10, item 5), and the running system's `updatectl` refuses it
+before touching the system (issue 10, item 5), and the running system's `reflashctl` refuses it
 without `--allow-downgrade` and records the choice with it.
 
 The bundle is the demo's 1.0.0 bundle re-signed by the image's test key as 0.9.0: older than the
@@ -44,10 +44,10 @@ def test_a_downgrade_the_instruction_does_not_allow_is_rejected_and_the_old_syst
     system_digest: str, scenario: Scenario,
 ) -> None:
     # The same row as tests/unit/test_security_feed.py's downgrade scenarios.
-    scenario.name = "Downgrade refused unless allowed (updatectl install, install --latest, the recovery's own check)"
+    scenario.name = "Downgrade refused unless allowed (reflashctl install, install --latest, the recovery's own check)"
     scenario.note(
         "under QEMU: 0.9.0 staged on 1.0.0 without `recovery_allow_downgrade` rejected with the reason, "
-        "system partition byte-for-byte as built, 1.0.0 boots again; its updatectl refuses the bundle in one "
+        "system partition byte-for-byte as built, 1.0.0 boots again; its reflashctl refuses the bundle in one "
         "line and stages it with --allow-downgrade"
     )
     stage(vm_disk, older_bundle, name=NAME, version="0.9.0")
@@ -68,14 +68,14 @@ def test_a_downgrade_the_instruction_does_not_allow_is_rejected_and_the_old_syst
 
     m = machine(Firmware.bios)
     m.expect(ready(built_image, "1.0.0"), BOOT)
-    code, out = m.shell(f"updatectl install /storage/bundles/{NAME} --no-reboot >/run/out 2>/run/err", TRANSFER)
+    code, out = m.shell(f"reflashctl install /storage/bundles/{NAME} --no-reboot >/run/out 2>/run/err", TRANSFER)
     assert code == 1
     _, err = m.shell("cat /run/err")
     assert err.strip() == "rejected: downgrade from 1.0.0 to 0.9.0 refused (use --allow-downgrade to install it)"
     assert m.shell("test -e /cfg/update-instruction")[0] == 1
-    code, out = m.shell(f"updatectl install /storage/bundles/{NAME} --no-reboot --allow-downgrade", TRANSFER)
+    code, out = m.shell(f"reflashctl install /storage/bundles/{NAME} --no-reboot --allow-downgrade", TRANSFER)
     assert code == 0 and "staged demo-appliance 0.9.0" in out, out
-    code, out = m.shell("updatectl status")
+    code, out = m.shell("reflashctl status")
     assert code == 0 and "staged: 0.9.0 (a downgrade, allowed) from /bundles/" + NAME in out, out
     m.power_cut()
     staged = vm_disk.read_file("cfg", INSTRUCTION)

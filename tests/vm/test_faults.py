@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from recovery.run import run
+from recovery.core.run import run
 from vm import deadlines
 from vm.deadlines import BOOT, KERNEL, RECOVERY
 from vm.disk import DiskImage

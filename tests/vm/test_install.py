@@ -182,7 +182,7 @@ def _hostile_bundle(key: Path, tmp: Path, entries: list[Any] | None = None, *, n
     """A validly signed bundle of a hand-made payload: by default one that plants a symlink to the
     recovery's cfg mount and then writes a file through it. Only the extractor's own refusal stands
     between it and cfg."""
-    from recovery.bundle import Compression, Manifest, PayloadInfo
+    from recovery.core.manifest import Compression, Manifest, PayloadInfo
     from tests.unit.sample_tree import assemble_bundle, sign_manifest
     from tests.unit.payloads import Entry, block_digests, tar
 
@@ -295,9 +295,9 @@ def rich_bundle(built_image: Any, tmp_path_factory: pytest.TempPathFactory) -> P
 
 def release_tree(built: Any, dest: Path) -> Path:
     """Release 2.0.0's tree, extracted on the host from the built bundle."""
-    from recovery.bundle import verify_bundle
-    from recovery.install import apply_bundle
-    from recovery.keys import Keyring
+    from recovery.core.bundle import verify_bundle
+    from recovery.os.extract import apply_bundle
+    from recovery.core.keys import Keyring
 
     dest.mkdir(parents=True)
     apply_bundle(verify_bundle(built.bundles["2.0.0"], Keyring.load(built.keys)), dest)
@@ -349,8 +349,8 @@ def many_files_bundle(built_image: Any, tmp_path_factory: pytest.TempPathFactory
 def test_tree_of_many_small_files_gets_the_inodes_it_needs(
     machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, many_files_bundle: Path
 ) -> None:
-    from recovery.bundle import verify_bundle
-    from recovery.keys import Keyring
+    from recovery.core.bundle import verify_bundle
+    from recovery.core.keys import Keyring
 
     manifest = verify_bundle(many_files_bundle, Keyring.load(built_image.keys)).manifest
     system = vm_disk.partition("system")

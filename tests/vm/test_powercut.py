@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from recovery.errors import Rejected
-from recovery.instruction import parse_instruction
+from recovery.core.errors import Rejected
+from recovery.core.instruction import parse_instruction
 from vm.console import ConsoleTimeout
 from vm import deadlines
 from vm.deadlines import BOOT, KERNEL, RECOVERY
@@ -187,10 +187,8 @@ def test_power_cut_while_the_system_writes_the_instruction(
     )
     bundle = built_image.bundles["2.0.0"].read_bytes()
     vm_disk.write_file("storage", "/bundles/demo-appliance-2.0.0.bundle", bundle)
-    write = (
-        "recovery instruction write {path} --disk PARTLABEL=storage --file /bundles/demo-appliance-2.0.0.bundle "
-        f"--sha256 {sha256(bundle)} --version 2.0.0"
-    )
+    vm_disk.write_file("storage", "/write-instruction.py", WRITER.encode())
+    write = f"python3 /storage/write-instruction.py none {{path}} {sha256(bundle)}"
     m = machine()
     m.expect(ready(built_image, "1.0.0"), BOOT)
     # how long the whole command takes here, on a scratch name
@@ -234,14 +232,15 @@ def test_treecheck_tells_releases_apart(built_image: Any, vm_disk: DiskImage, sc
     assert differences(payload_tree(built_image.bundles["2.0.0"], built_image.keys), tree) != []
 
 
-# Run in the guest: `recovery instruction write` with a pause at one point inside the atomic write,
-# announced on the console, so the power cut lands exactly there (Python's start-up is most of the
-# command's time: a random moment almost never falls inside the write).
-CUT_HOOK = """
+# Run in the running system: write an instruction with the system's own code (recovery.core), with a
+# pause at one point inside the atomic write announced on the console, so that a power cut lands
+# exactly there (Python's start-up is most of the command's time: a random moment almost never falls
+# inside the write). Point "none" writes without pausing.
+WRITER = """
 import os, sys, time
-from recovery import cli, instruction
+from recovery.core import instruction
 
-point = sys.argv[1]
+point, path, sha256 = sys.argv[1:4]
 
 def pause_at(name, real):
     def paused(*args, **kwargs):
@@ -253,7 +252,8 @@ def pause_at(name, real):
 
 os.replace = pause_at("rename", os.replace)  # atomic_write: temp file written and fsync'd, not renamed
 instruction.checkpoint_journal = pause_at("checkpoint", instruction.checkpoint_journal)  # renamed, not checkpointed
-sys.exit(cli.main(sys.argv[2:]))
+instruction.write_instruction(path, instruction.Instruction.create(
+    disk="PARTLABEL=storage", file="/bundles/demo-appliance-2.0.0.bundle", sha256=sha256, version="2.0.0"))
 """
 
 
@@ -270,11 +270,10 @@ def test_power_cut_inside_the_instruction_write(
     )
     bundle = built_image.bundles["2.0.0"].read_bytes()
     vm_disk.write_file("storage", "/bundles/demo-appliance-2.0.0.bundle", bundle)
-    vm_disk.write_file("storage", "/cut-hook.py", CUT_HOOK.encode())
+    vm_disk.write_file("storage", "/write-instruction.py", WRITER.encode())
     m = machine()
     m.expect(ready(built_image, "1.0.0"), BOOT)
-    m.send(f"python3 /storage/cut-hook.py {point} instruction write /cfg/update-instruction --disk PARTLABEL=storage "
-           f"--file /bundles/demo-appliance-2.0.0.bundle --sha256 {sha256(bundle)} --version 2.0.0\n")
+    m.send(f"python3 /storage/write-instruction.py {point} /cfg/update-instruction {sha256(bundle)}\n")
     m.expect(rf"CUT-HOOK at {point}", KERNEL)
     m.power_cut()
     block = vm_disk.read_file("cfg", INSTRUCTION)  # as the system sees it, after journal replay

@@ -19,8 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from recovery.errors import Failed
-from recovery.run import run
+from recovery.core.errors import Failed
+from recovery.core.run import run
 from vm import VMError
 from vm.accel import Accel, choose
 from vm.console import ConsoleClosed, ConsoleTimeout

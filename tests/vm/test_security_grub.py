@@ -18,7 +18,7 @@ from vm.disk import DiskImage
 from vm.machine import Machine
 
 from tests.reliability import Scenario, scenario  # noqa: F401  (the fixture, also without the plugin)
-from recovery.instruction import Instruction
+from recovery.core.instruction import Instruction
 from tests.vm.staging import INSTRUCTION, stage
 
 

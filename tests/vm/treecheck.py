@@ -25,9 +25,9 @@ from pathlib import Path
 import libarchive
 import libarchive.ffi
 
-from recovery.bundle import verify_bundle
-from recovery.keys import Keyring
-from recovery.run import run
+from recovery.core.bundle import verify_bundle
+from recovery.core.keys import Keyring
+from recovery.core.run import run
 from vm.disk import DiskImage
 
 # made by mkfs, not by the payload

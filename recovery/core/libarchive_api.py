@@ -1,0 +1,186 @@
+"""libarchive calls declared afresh on the library libarchive-c loaded.
+
+libarchive-c 2.9 wraps only part of the API, and its wrappers turn ARCHIVE_WARN into a log line (a
+lost setuid bit or capability must fail the install instead). `fn` makes new function objects with
+plain int results, leaving libarchive-c's own as they are; `TarReader` and `PaxWriter` read and
+write archives entry by entry through them (mkimage's bundle step needs the entries themselves).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Iterator
+
+import libarchive.ffi
+
+lib = libarchive.ffi.libarchive
+
+
+ARCHIVE_EOF, ARCHIVE_OK, ARCHIVE_WARN, ARCHIVE_FATAL = 1, 0, -20, -30
+
+
+def fn(name: str, restype: type | None, *argtypes: type) -> ctypes._CFuncPtr:
+    """`archive_<name>` with the given signature."""
+    f = lib[f"archive_{name}"]
+    f.restype = restype
+    f.argtypes = argtypes
+    return f
+
+
+class ArchiveError(Exception):
+    """libarchive failed; the message is its own."""
+
+
+READ_BLOCK = 10240
+
+
+AE_IFMT, AE_IFREG = 0o170000, 0o100000
+
+
+entry_pathname = fn("entry_pathname", ctypes.c_char_p, ctypes.c_void_p)
+
+
+entry_hardlink = fn("entry_hardlink", ctypes.c_char_p, ctypes.c_void_p)
+
+
+entry_filetype = fn("entry_filetype", ctypes.c_int, ctypes.c_void_p)
+
+
+entry_size = fn("entry_size", ctypes.c_longlong, ctypes.c_void_p)
+
+
+_error_string = fn("error_string", ctypes.c_char_p, ctypes.c_void_p)
+
+
+_read_new = fn("read_new", ctypes.c_void_p)
+
+
+_read_support_tar = fn("read_support_format_tar", ctypes.c_int, ctypes.c_void_p)
+
+
+_read_support_filters = fn("read_support_filter_all", ctypes.c_int, ctypes.c_void_p)
+
+
+_read_open_filename = fn("read_open_filename", ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t)
+
+
+_read_next_header = fn("read_next_header", ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p))
+
+
+_read_data = fn("read_data", ctypes.c_ssize_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+
+
+_read_free = fn("read_free", ctypes.c_int, ctypes.c_void_p)
+
+
+_write_new = fn("write_new", ctypes.c_void_p)
+
+
+_write_set_format_pax = fn("write_set_format_pax", ctypes.c_int, ctypes.c_void_p)
+
+
+_write_add_filter_by_name = fn("write_add_filter_by_name", ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p)
+
+
+_write_set_options = fn("write_set_options", ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p)
+
+
+_write_open_filename = fn("write_open_filename", ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p)
+
+
+_write_header = fn("write_header", ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+
+
+_write_data = fn("write_data", ctypes.c_ssize_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+
+
+_write_finish_entry = fn("write_finish_entry", ctypes.c_int, ctypes.c_void_p)
+
+
+_write_close = fn("write_close", ctypes.c_int, ctypes.c_void_p)
+
+
+_write_free = fn("write_free", ctypes.c_int, ctypes.c_void_p)
+
+
+def _check(archive: int, result: int) -> int:
+    """A result below ARCHIVE_WARN is a failure (a warning, such as a name that is not UTF-8, is not)."""
+    if result < ARCHIVE_WARN:
+        raw = _error_string(archive)
+        raise ArchiveError(raw.decode(errors="replace") if raw else f"libarchive error {result}")
+    return result
+
+
+def is_regular(entry: int) -> bool:
+    """A regular file with data of its own: not a hard link to an earlier entry."""
+    return entry_filetype(entry) & AE_IFMT == AE_IFREG and entry_hardlink(entry) is None
+
+
+class TarReader:
+    """A tar archive (any compression) read entry by entry; iterating yields libarchive's entry
+    pointer, valid until the next entry."""
+
+    def __init__(self, path: os.PathLike[str] | str) -> None:
+        self.archive = _read_new()
+        _read_support_tar(self.archive)
+        _read_support_filters(self.archive)
+        try:
+            _check(self.archive, _read_open_filename(self.archive, os.fsencode(path), READ_BLOCK))
+        except ArchiveError:
+            _read_free(self.archive)
+            raise
+
+    def __iter__(self) -> Iterator[int]:
+        entry = ctypes.c_void_p()
+        while _check(self.archive, _read_next_header(self.archive, ctypes.byref(entry))) != ARCHIVE_EOF:
+            assert entry.value is not None
+            yield entry.value
+
+    def data(self, chunk: int) -> Iterator[memoryview]:
+        """The current entry's data, sparse holes filled with zeros."""
+        buffer = ctypes.create_string_buffer(chunk)
+        view = memoryview(buffer).cast("B")
+        while (n := _check(self.archive, _read_data(self.archive, buffer, chunk))) > 0:
+            yield view[:n]
+
+    def __enter__(self) -> TarReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _read_free(self.archive)
+
+
+class PaxWriter:
+    """A pax archive written entry by entry, through a libarchive filter (`zstd`, `xz`, …) and options."""
+
+    def __init__(self, path: os.PathLike[str] | str, filter_name: str | None = None, options: str = "") -> None:
+        self.archive = _write_new()
+        try:
+            _check(self.archive, _write_set_format_pax(self.archive))
+            if filter_name:
+                _check(self.archive, _write_add_filter_by_name(self.archive, filter_name.encode()))
+            if options:
+                _check(self.archive, _write_set_options(self.archive, options.encode()))
+            _check(self.archive, _write_open_filename(self.archive, os.fsencode(path)))
+        except ArchiveError:
+            _write_free(self.archive)
+            raise
+
+    def copy(self, entry: int, data: Iterator[memoryview]) -> None:
+        """Write `entry` (a reader's, perhaps changed) with its data."""
+        _check(self.archive, _write_header(self.archive, entry))
+        for block in data:
+            if _write_data(self.archive, (ctypes.c_char * len(block)).from_buffer(block), len(block)) < 0:
+                _check(self.archive, ARCHIVE_FATAL)
+        _check(self.archive, _write_finish_entry(self.archive))
+
+    def __enter__(self) -> PaxWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                _check(self.archive, _write_close(self.archive))
+        finally:
+            _write_free(self.archive)

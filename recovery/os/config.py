@@ -1,0 +1,63 @@
+"""The recovery OS's own configuration: which partitions it may touch, never taken from an instruction."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from recovery.core.errors import Rejected
+from recovery.core.toml import read_toml
+
+DEFAULT_PATH = Path("/etc/recovery/recovery.toml")
+
+
+ROLES = ("cfg", "system", "recovery", "storage")
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    product: str
+    keys: Path
+    cfg: str
+    system: str
+    recovery: str
+    storage: str
+    device_timeout: float = 30.0
+
+    @classmethod
+    def load(cls, path: Path = DEFAULT_PATH) -> RecoveryConfig:
+        return cls.from_dict(read_toml(path, "recovery configuration"), source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "recovery configuration") -> RecoveryConfig:
+        parts = data.get("partitions", {})
+        if not isinstance(parts, dict):
+            raise Rejected(f"{source}: [partitions] must be a table")
+        missing = [r for r in ROLES if not isinstance(parts.get(r), str) or not parts.get(r)]
+        if missing:
+            raise Rejected(f"{source}: [partitions] lacks {', '.join(missing)}")
+        product = data.get("product")
+        if not isinstance(product, str) or not product:
+            raise Rejected(f"{source}: product is missing")
+        timeout = data.get("device_timeout", 30)
+        if not isinstance(timeout, int | float) or timeout < 0:
+            raise Rejected(f"{source}: device_timeout must be a number of seconds")
+        return cls(
+            product=product,
+            keys=Path(data.get("keys", "/etc/recovery/keys")),
+            device_timeout=float(timeout),
+            **{r: parts[r] for r in ROLES},
+        )
+
+    def to_toml(self) -> str:
+        lines = [
+            f"product = {json.dumps(self.product)}",
+            f"keys = {json.dumps(str(self.keys))}",
+            f"device_timeout = {self.device_timeout:g}",
+            "",
+            "[partitions]",
+            *(f"{r} = {json.dumps(getattr(self, r))}" for r in ROLES),
+        ]
+        # JSON strings are valid TOML basic strings for everything a config holds.
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,262 @@
+"""PID 1 of the recovery OS: install the staged update or say why not, then reboot; never exit.
+
+The cycle is planned before it acts: instruction, disks, bundle and target are resolved and checked
+while the system partition is still untouched. Only then does the erase begin, and from that point
+the instruction stays until the new system is complete, so a power cut leads to another try.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+from recovery.core.atomic import checkpoint_journal
+from recovery.core.errors import Failed, UpdateError
+from recovery.core.result import Outcome, Result, append_log, log_tail, read_result
+from recovery.core.run import run
+from recovery.os.cmdline import Boot, CommandLineRefused
+from recovery.os.config import DEFAULT_PATH, RecoveryConfig
+from recovery.os.console import Console, _BufferHandler
+from recovery.os.installer import (
+    CFG_MOUNT,
+    FALLBACK_COUNTER,
+    INCOMPLETE,
+    INSTRUCTION,
+    RUN,
+    Installer,
+    reset_fallback_counter,
+)
+
+
+
+
+
+log = logging.getLogger("recovery")
+
+
+UDEVD = ("/lib/systemd/systemd-udevd", "/usr/lib/systemd/systemd-udevd")
+
+
+def _mount_api_filesystems() -> None:
+    for fstype, target, options in (
+        ("proc", "/proc", "nosuid,nodev,noexec"),
+        ("sysfs", "/sys", "nosuid,nodev,noexec"),
+        ("devtmpfs", "/dev", "nosuid,mode=0755"),
+        ("tmpfs", "/run", "nosuid,nodev,mode=0755"),
+        ("tmpfs", "/tmp", "nosuid,nodev"),
+    ):
+        os.makedirs(target, exist_ok=True)
+        if os.path.ismount(target):
+            continue
+        run(["mount", "-t", fstype, "-o", options, fstype, target])
+
+
+def _attach_console() -> None:
+    """Make fds 0-2 the console: the kernel may have found no /dev/console in the initramfs."""
+    try:
+        os.fstat(1)
+        return
+    except OSError:
+        pass
+    fd = os.open("/dev/console", os.O_RDWR | os.O_NOCTTY)
+    for target in (0, 1, 2):
+        os.dup2(fd, target)
+    if fd > 2:
+        os.close(fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives as long as PID 1
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+
+
+def _start_udev(timeout: float) -> None:
+    udevd = next((p for p in UDEVD if os.path.exists(p)), None)
+    if udevd is None:
+        raise Failed("systemd-udevd not found in the recovery OS")
+    run([udevd, "--daemon", "--resolve-names=never"])
+    run(["udevadm", "trigger", "--type=subsystems", "--action=add"])
+    run(["udevadm", "trigger", "--type=devices", "--action=add"])
+    run(["udevadm", "settle", f"--timeout={int(timeout)}"], check=False)
+
+
+def reap_orphans() -> None:
+    """Collect exited children that nobody waits for (daemons' leftovers reparented to PID 1).
+
+    Called only between our own synchronous commands, so it never steals a status run() waits for.
+    """
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def reboot() -> None:
+    """Sync and restart the machine through reboot(2); returns only if the kernel refused."""
+    os.sync()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.reboot(0x01234567)  # LINUX_REBOOT_CMD_RESTART
+    log.error("reboot(2) failed: %s", os.strerror(ctypes.get_errno()))
+
+
+def _verdict(console: Console, result: Result) -> None:
+    if result.outcome == Outcome.installed:
+        console.say(f"recovery: installed {result.to_version}")
+    else:
+        console.say(f"recovery: {result.outcome}: {result.reason}")
+
+
+def _mount_cfg(config: RecoveryConfig) -> Path:
+    from recovery.core.instruction import DiskSpec
+    from recovery.os.devices import find_device, mount
+
+    if os.path.ismount(CFG_MOUNT):
+        return CFG_MOUNT
+    node = find_device(DiskSpec.parse(config.cfg), timeout=config.device_timeout)
+    # A power cut may have left cfg dirty: repair what e2fsck -p repairs safely before mounting rw.
+    proc = run(["e2fsck", "-p", node], check=False)
+    if proc.returncode >= 4:
+        raise Failed(f"cfg file system on {node} needs manual repair (e2fsck exit {proc.returncode})")
+    return mount(node, CFG_MOUNT, options="rw,nosuid,nodev,noexec,sync")
+
+
+def install(config: RecoveryConfig, boot: Boot, console: Console) -> None:
+    """The whole install; ends by rebooting (or falls into the rescue shell if it cannot)."""
+    cfg = _mount_cfg(config)
+    if not (cfg / INSTRUCTION).exists() and not (cfg / INCOMPLETE).exists():
+        # Nothing staged. GRUB reads cfg without replaying its journal, so after a power cut just as
+        # the instruction was removed it may still see it and boot us: waiting in a shell would strand
+        # the appliance. Unmounting cleanly writes the removal where GRUB reads; then boot the system.
+        # (The menu's rescue entry still gives the shell.)
+        from recovery.os.devices import umount_all
+
+        last = read_result(cfg)
+        console.say("recovery: no update instruction")
+        console.say(f"recovery: last result: {last.summary() if last else 'none'}")
+        console.say("recovery: rebooting")
+        umount_all(RUN)
+        return
+    if not (cfg / FALLBACK_COUNTER).exists():
+        reset_fallback_counter(cfg)
+    installer = Installer(config, boot, console, cfg)
+    try:
+        result = installer.run()
+    except Failed as e:
+        result = installer.result(Outcome.failed, str(e))
+    except Exception as e:  # a crash is a failed try, with the evidence kept
+        trace = traceback.format_exc()
+        print(trace, file=sys.stderr, flush=True)
+        console.buffer.write(trace)
+        result = installer.result(Outcome.failed, f"crash: {type(e).__name__}: {e}")
+    _finish(installer, result)
+
+
+def _finish(installer: Installer, result: Result) -> None:
+    from recovery.os.devices import umount_all
+
+    console = installer.console
+    installer.record(result)
+    _verdict(console, result)
+    console.say("recovery: rebooting")
+    append_log(installer.cfg, console.buffer.getvalue())
+    try:
+        umount_all(RUN)
+    except Failed as e:
+        log.error("%s", e)
+
+
+def rescue(config: RecoveryConfig | None, console: Console) -> None:
+    """Show the last result and log, then keep a root shell on the console; leaving it reboots."""
+    cfg: Path | None = None
+    if config is not None:
+        try:
+            cfg = _mount_cfg(config)
+        except UpdateError as e:
+            console.say(f"recovery: cfg partition unavailable: {e}")
+    if cfg is not None:
+        last = read_result(cfg)
+        console.say(f"recovery: last result: {last.summary() if last else 'none'}")
+        tail = log_tail(cfg)
+        if tail:
+            print("recovery: last log lines:\n" + tail, flush=True)
+    console.say("recovery: rescue shell; 'recovery retry' clears the try counter, 'exit' reboots")
+    shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "TERM": "vt100", "PS1": "rescue# "}
+    # setsid -c gives the shell the console as its controlling terminal, so Ctrl-C works.
+    subprocess.run(["setsid", "-c", shell, "-i"], env=env, check=False)
+    reap_orphans()
+    if cfg is not None:
+        try:
+            from recovery.os.devices import umount_all
+
+            umount_all(RUN)
+        except Failed as e:
+            log.error("%s", e)
+
+
+def retry(cfg: Path | None = None) -> None:
+    """`recovery retry`: clear the try counter so the next boot tries the update again."""
+    from recovery.core.instruction import clear_try
+
+    if cfg is None:
+        cfg = CFG_MOUNT if os.path.ismount(CFG_MOUNT) else _mount_cfg(RecoveryConfig.load())
+    reset_fallback_counter(cfg)
+    clear_try(cfg / INSTRUCTION)
+    # Both are files GRUB reads past the journal (clear_try writes its own out only when it changed).
+    checkpoint_journal(cfg)
+    print("try counter cleared: the next boot tries the update again")
+
+
+def boot_from(cmdline: str, console: Console) -> Boot:
+    """The boot GRUB asked for, announced on the console. A command line Boot.parse refuses gets the
+    rescue shell and one line saying why: PID 1 cannot exit, and must not install on words GRUB did
+    not write."""
+    try:
+        boot, refused = Boot.parse(cmdline), None
+    except CommandLineRefused as e:
+        boot, refused = Boot(rescue=True), str(e)
+    console.say(f"recovery: starting (try {boot.try_count})")
+    if refused is not None:
+        console.say(f"recovery: kernel command line refused: {refused}; rescue shell")
+    return boot
+
+
+def main() -> None:
+    """PID 1. Every path ends in reboot(2); if even that fails, a shell, forever."""
+    console = Console()
+    handler = _BufferHandler(console)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    logging.getLogger().addHandler(handler)
+    config: RecoveryConfig | None = None
+    try:
+        _mount_api_filesystems()
+        _attach_console()
+        # Bytes that are not UTF-8 must end in a refusal, not in a crash that reboots into the same.
+        boot = boot_from(Path("/proc/cmdline").read_text(errors="replace"), console)
+        config = RecoveryConfig.load(DEFAULT_PATH)
+        _start_udev(config.device_timeout)
+        if boot.rescue:
+            rescue(config, console)
+        else:
+            install(config, boot, console)
+    except BaseException as e:  # noqa: BLE001 - PID 1 must never die
+        # A crash outside the install proper: failed, so the instruction stays and GRUB counts a try.
+        trace = traceback.format_exc()
+        print(trace, file=sys.stderr, flush=True)
+        console.buffer.write(trace)
+        console.say(f"recovery: failed: crash: {type(e).__name__}: {e}")
+        if os.path.ismount(CFG_MOUNT):
+            try:
+                append_log(CFG_MOUNT, console.buffer.getvalue())
+            except OSError:
+                pass
+        console.say("recovery: rebooting")
+    reap_orphans()
+    while True:
+        reboot()
+        rescue(config, console)

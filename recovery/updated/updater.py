@@ -1,0 +1,282 @@
+"""`reflashctl`, the running system's side of an update: fetch and verify a bundle, stage it, reboot.
+
+The plan reads in the order of the cycle: fetch into storage, verify in full (the recovery's own
+checks), name the bundle's final place, write the instruction atomically, then reboot into the recovery.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from recovery.core.atomic import durable_unlink, fsync_dir
+from recovery.core.bundle import VerifiedBundle, verify_bundle
+from recovery.core.errors import Failed, Rejected, UpdateError
+from recovery.core.feed import Feed, Release
+from recovery.core.instruction import Instruction, read_instruction, write_instruction
+from recovery.core.keys import Keyring
+from recovery.core.output import Progress, step
+from recovery.core.result import read_result
+from recovery.core.run import run
+from recovery.core.version import Version
+from recovery.updated.feeds import load_feed
+from recovery.updated.feedstate import check_fresh, read_state, remember
+from recovery.updated.sysconfig import SystemConfig
+from recovery.updated.transfer import PARTIAL, FreeSpace, Source, download, free_space
+
+log = logging.getLogger(__name__)
+
+
+BUNDLE_SUFFIX = ".bundle"
+
+
+Reboot = Callable[[], None]
+
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def reboot_system() -> None:
+    """Reboot into the recovery: through systemd when it runs (a clean shutdown), else sync + reboot(2)."""
+    if Path("/run/systemd/system").exists():
+        run(["systemctl", "reboot"])
+        return
+    os.sync()
+    libc = ctypes.CDLL(None, use_errno=True)
+    RB_AUTOBOOT = 0x01234567
+    if libc.reboot(RB_AUTOBOOT) != 0:
+        err = ctypes.get_errno()
+        raise Failed(f"reboot failed: {os.strerror(err)}; the update is staged, reboot by hand to install it")
+
+
+@dataclass(frozen=True)
+class Staged:
+    """What `install` left for the recovery: the bundle on storage and the instruction naming it."""
+
+    product: str
+    version: str
+    bundle: Path  # on this system
+    file: PurePosixPath  # the same file as the recovery names it on the storage disk
+    sha256: str
+    allow_downgrade: bool = False  # the operator's --allow-downgrade, for the recovery to see
+
+
+@dataclass(frozen=True)
+class Updater:
+    """Everything `reflashctl` does, on one configuration; the side effects a test must control are fields."""
+
+    config: SystemConfig
+    reboot: Reboot = reboot_system
+    free: FreeSpace = free_space
+    progress: bool = True
+    clock: Clock = utc_now  # what an expired feed is measured against
+
+    # --- install ---------------------------------------------------------------------------------
+
+    def install(
+        self, location: str | Source, *, force: bool = False, allow_downgrade: bool = False,
+        release: Release | None = None,
+    ) -> Staged:
+        """Fetch, verify and stage the bundle at `location`; the instruction is written last.
+
+        `release` (from a verified feed) adds its version and sha256 to what the bundle must match.
+        A bundle older than the running version is refused unless `allow_downgrade`, which the
+        instruction then carries (the recovery refuses a downgrade it does not).
+        """
+        config = self.config
+        source = location if isinstance(location, Source) else Source.parse(location)
+        keyring = Keyring.load(config.keys)  # before any download: a system without keys cannot verify
+        if not config.storage.is_dir():
+            raise Rejected(f"the storage partition is not mounted at {config.storage}")
+        directory = config.bundle_dir
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise Rejected(f"cannot create {directory}: {e.strerror or e}") from None
+        with self._lock(directory):
+            in_place = self._in_storage(source)
+            if in_place is not None:
+                bundle, owned = in_place, False
+                log.info("%s already lies on the storage partition: staging it in place", bundle)
+            else:
+                bundle, owned = self._fetch(source, directory, release), True
+            try:
+                verified = self._verify(
+                    bundle, keyring, release, force=force, allow_downgrade=allow_downgrade, name=source.name
+                )
+                if owned:
+                    final = directory / source.name
+                    os.replace(bundle, final)
+                    fsync_dir(directory)
+                    bundle = final
+                staged = Staged(
+                    product=verified.manifest.product, version=verified.manifest.version, bundle=bundle,
+                    file=self._path_on_storage(bundle), sha256=verified.sha256 or "",
+                    allow_downgrade=allow_downgrade,
+                )
+                self._write_instruction(staged)
+            except BaseException as e:
+                # A bundle that is not staged is of no use and takes space: it goes. One the operator put
+                # on storage is not ours to delete; a verification stopped by the operator proves nothing.
+                if owned and isinstance(e, UpdateError):
+                    durable_unlink(bundle)
+                raise
+            self._prune(directory, keep=bundle)
+        return staged
+
+    def _in_storage(self, source: Source) -> Path | None:
+        """The local file itself when it lies on the storage partition already (no copy is needed)."""
+        if source.path is None:
+            return None
+        try:
+            path = source.path.resolve(strict=True)
+            storage = self.config.storage.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return None  # a missing file is reported by the copy, with its reason
+        if not path.is_relative_to(storage) or path.name.endswith(PARTIAL):
+            return None
+        try:
+            # Another file system mounted below the storage mount is not the storage partition.
+            if path.stat().st_dev != storage.stat().st_dev:
+                return None
+        except OSError:
+            return None
+        return path
+
+    def _fetch(self, source: Source, directory: Path, release: Release | None) -> Path:
+        name = source.name
+        partial = directory / (name + PARTIAL)
+        verb = "Downloading" if source.scheme.remote else "Copying"
+        with step(f"{verb} {source} to {directory}"):
+            transfer = download(
+                source, partial, where=self.config.storage, size=release.size if release else None,
+                free=self.free, progress=self.progress,
+            )
+        return transfer.path
+
+    def _verify(
+        self, bundle: Path, keyring: Keyring, release: Release | None, *, force: bool, allow_downgrade: bool,
+        name: str,
+    ) -> VerifiedBundle:
+        size = bundle.stat().st_size
+        with step(f"Verifying {name}"):
+            verified = verify_bundle(
+                bundle, keyring, product=self.config.product,
+                version=release.version if release else None,
+                sha256=release.sha256 if release else None,
+                compute_sha256=True,
+                progress=Progress(size, f"verifying {name}", stream=sys.stdout) if self.progress else None,
+            )
+        version = Version(verified.manifest.version)
+        running = self.config.running_version()
+        if running is not None and version == Version(running) and not force:
+            raise Rejected(f"{verified.manifest.version} is already running (use --force to install it again)")
+        if running is not None and version < Version(running):
+            # Decided on the verified manifest's version: the bundle's name or a feed could lie.
+            if not allow_downgrade:
+                raise Rejected(f"downgrade from {running} to {version} refused (use --allow-downgrade to install it)")
+            log.warning("this is a downgrade: %s is running, the bundle carries %s", running, version)
+        return verified
+
+    def _path_on_storage(self, bundle: Path) -> PurePosixPath:
+        """The bundle's path as the recovery names it: absolute on the storage disk."""
+        relative = bundle.resolve().relative_to(self.config.storage.resolve())
+        return PurePosixPath("/") / relative.as_posix()
+
+    def _write_instruction(self, staged: Staged) -> None:
+        instruction = Instruction.create(
+            disk=self.config.storage_disk, file=str(staged.file), sha256=staged.sha256,
+            version=staged.version, allow_downgrade=staged.allow_downgrade,
+        )
+        try:
+            write_instruction(self.config.instruction, instruction)
+        except OSError as e:
+            raise Failed(f"cannot write the update instruction {self.config.instruction}: {e.strerror or e}") from None
+
+    def _prune(self, directory: Path, *, keep: Path) -> None:
+        """Only the staged bundle is of use now: older bundles and stale partial downloads go."""
+        for path in directory.iterdir():
+            if path == keep or not path.is_file() or path.name.startswith("."):
+                continue
+            if path.name.endswith(BUNDLE_SUFFIX) or path.name.endswith(PARTIAL):
+                log.info("removing %s, which the staged update replaces", path.name)
+                try:
+                    path.unlink()
+                except OSError as e:
+                    log.warning("cannot remove %s: %s", path, e.strerror or e)
+
+    @contextmanager
+    def _lock(self, directory: Path) -> Iterator[None]:
+        # Two installs at once would write one partial file from two places and race on the instruction.
+        # The directory itself is the lock, so no lock file is left lying about.
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise Rejected("another reflashctl install is running") from None
+                raise
+            yield
+        finally:
+            os.close(fd)
+
+    # --- feeds -----------------------------------------------------------------------------------
+
+    def check(self, location: str) -> tuple[Feed, Source, Release, str | None]:
+        """The verified, current feed at `location`, its newest release and the running version.
+
+        A feed older than the newest one this system accepted, or past its `expires`, is rejected;
+        the remembered time moves forward only after the signature and every other check passed."""
+        keyring = Keyring.load(self.config.keys)
+        remembered = read_state(self.config.cfg)
+        feed, source = load_feed(location, keyring, product=self.config.product)
+        now = self.clock()
+        check_fresh(feed, remembered, now)
+        remember(self.config.cfg, feed, remembered, source=str(source), now=now)
+        newest = feed.newest()
+        assert newest is not None  # load_feed rejects an empty feed
+        return feed, source, newest, self.config.running_version()
+
+    # --- status ----------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The running version, any staged update and the last recovery result, as plain data."""
+        staged: dict[str, Any] | None = None
+        problem: str | None = None
+        if self.config.instruction.exists():
+            try:
+                staged = read_instruction(self.config.instruction).to_dict()
+            except UpdateError as e:
+                problem = str(e)
+        result = read_result(self.config.cfg)
+        last: dict[str, Any] | None = None
+        if result is not None:
+            last = json.loads(result.to_json())
+            last["summary"] = result.summary()
+        return {
+            "product": self.config.product,
+            "version": self.config.running_version(),
+            "staged": staged,
+            "staged_error": problem,
+            "last_result": last,
+        }
+
+
+def newer(release: Release, running: str | None) -> bool:
+    return running is None or Version(release.version) > Version(running)
