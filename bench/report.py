@@ -78,6 +78,8 @@ def _mmm(values: Sequence[float], unit: str = "s") -> str:
 
 
 def figures(r: Results) -> list[Figure]:
+    """The summary table, one row per performance goal, in the report's order. Long (past 60 lines) on
+    purpose: it is a table written as code, each goal's few lines beside the next, read top to bottom."""
     out: list[Figure] = []
     if r.extract:
         ours, tar = r.extract["recovery extract_payload"], r.extract["GNU tar -I zstd"]

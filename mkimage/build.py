@@ -9,11 +9,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from recovery.core.errors import Rejected
 from recovery.core.envblock import format_envblock
+from recovery.core.errors import Rejected
 from recovery.core.keys import load_private_key, public_key_pem
 from recovery.core.output import step
 
+from .bundle import create_bundle, generate_keys
 from .config import ImageConfig, MiB
 from .disk import Placement, assemble, make_ext4
 from .grub import BOOTLOADER, esp_volume_id, install_bios, make_core_images
@@ -38,7 +39,6 @@ class BuildResult:
 
 def build(config: ImageConfig) -> BuildResult:
     """Build DIR/disk.img, a bundle per release, DIR/keys/ and DIR/recovery/ (DIR: config.output)."""
-    from .bundle import create_bundle
 
     out = config.output
     with step(f"Building {config.product} {config.version} ({config.firmware}) into {out}"), \
@@ -103,7 +103,6 @@ def _recovery_partition(config: ImageConfig, keys: list[Path], dest: Path, work:
 
 def _signing_keys(config: ImageConfig, out: Path) -> tuple[Path, Path]:
     """DIR/keys/ with signing.pub, and the private key to sign with (which never enters an image)."""
-    from .bundle import generate_keys
 
     keys = out / "keys"
     if config.key_dir is None:

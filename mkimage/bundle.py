@@ -26,7 +26,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from recovery.core.manifest import BLOCK_SIZE, MAX_MANIFEST, BlockDigests, FORMAT, MANIFEST_NAME, SIGNATURE_NAME, Compression, Manifest, PayloadInfo, Signature
-from recovery.core.bundle import CHUNK
+from recovery.core.outertar import CHUNK
 from recovery.core.acl import USER, AclEntry, acl_entries, has_acl, number_acl, without_id
 from recovery.core.atomic import atomic_write, fsync_dir
 from recovery.core.libarchive_api import ArchiveError, PaxWriter, TarReader, entry_hardlink, entry_pathname, entry_size, is_regular
@@ -98,17 +98,7 @@ def create_bundle(
             else:
                 _payload_from_tar(source, payload, comp)
         with step("Counting and hashing the payload"):
-            files, nbytes, unnumbered = _count(payload)
-            if unnumbered is not None:
-                where, acl = unnumbered
-                if not source.is_dir():
-                    raise Rejected(f"{source}: the ACL of {where} names {acl.describe()} without a number; "
-                                   "the recovery cannot resolve names (pack the tar with numeric ACLs, or "
-                                   "give the directory)")
-                with step("Numbering the ACL entries GNU tar wrote by name"):
-                    _number_acls(payload, comp, source)
-                files, nbytes, unnumbered = _count(payload)
-                assert unnumbered is None
+            files, nbytes = _counted_with_numbered_acls(payload, comp, source)
             if files == 0:
                 raise Rejected(f"source {source} holds no entries: a bundle of it would install nothing")
             size, blocks = _block_digests(payload)
@@ -200,6 +190,23 @@ def _count(payload: Path) -> tuple[int, int, tuple[str, AclEntry] | None]:
     except ArchiveError as e:
         raise Rejected(f"the payload just written cannot be read back: {e}") from None
     return files, nbytes, unnumbered
+
+
+def _counted_with_numbered_acls(payload: Path, comp: Compression, source: Path) -> tuple[int, int]:
+    """The payload's entries and file bytes, once every ACL entry in it carries a number: those GNU tar
+    wrote by name are numbered here when the source is a directory; a tar with names only is refused."""
+    files, nbytes, unnumbered = _count(payload)
+    if unnumbered is None:
+        return files, nbytes
+    where, acl = unnumbered
+    if not source.is_dir():
+        raise Rejected(f"{source}: the ACL of {where} names {acl.describe()} without a number; the recovery "
+                       "cannot resolve names (pack the tar with numeric ACLs, or give the directory)")
+    with step("Numbering the ACL entries GNU tar wrote by name"):
+        _number_acls(payload, comp, source)
+    files, nbytes, unnumbered = _count(payload)
+    assert unnumbered is None
+    return files, nbytes
 
 
 def _number_acls(payload: Path, comp: Compression, source: Path) -> None:

@@ -8,24 +8,25 @@ from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
-from recovery.core.cli import add_debug, run_cli
 from recovery.core.bundle import verify_bundle
+from recovery.core.cli import add_debug, run_cli
 from recovery.core.errors import Rejected
 from recovery.core.keys import Keyring
 from vm.cli import add_commands as add_rig_commands
 
+from .build import build, build_recovery_only
+from .bundle import create_bundle, generate_keys
+from .config import load_config
+from .publish import notes_for, parse_duration, publish
+
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from .bundle import generate_keys
-
     pub = generate_keys(args.dir)
     print(f"wrote {args.dir / 'signing.pem'} (keep it private) and {pub}")
     return 0
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
-    from .bundle import create_bundle
-
     manifest = create_bundle(
         args.source, args.output, key=args.key, product=args.product, version=args.version,
         compression=args.compression,
@@ -35,9 +36,6 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .build import build
-    from .config import load_config
-
     result = build(load_config(args.config, output=args.output))
     print(f"wrote {result.disk}")
     for version, bundle in result.bundles.items():
@@ -47,17 +45,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_recovery(args: argparse.Namespace) -> int:
-    from .build import build_recovery_only
-    from .config import load_config
-
     recovery = build_recovery_only(load_config(args.config, output=args.output))
     print(f"wrote {recovery}/: vmlinuz, initrd.img, recovery.ext4 (the partition), grub-recovery.cfg")
     return 0
 
 
 def _duration(text: str) -> timedelta:
-    from .publish import parse_duration
-
     try:
         return parse_duration(text)
     except ValueError as e:
@@ -65,8 +58,6 @@ def _duration(text: str) -> timedelta:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from .publish import notes_for, publish
-
     newest_notes = None
     if args.notes is not None:
         try:

@@ -63,6 +63,9 @@ def publish(
     would otherwise vanish without a word. Notes with control characters other than newline and tab
     are refused: they would break the RSS and act on the terminals the notes are printed to.
     `expires`: how long the feed stays good after this publish (never, when None).
+
+    Longer than 60 lines for a reason: every check runs before the first file is written, and they read
+    best in that one order (bundles, then notes, then the existing feed, then the writes).
     """
     if not bundles:
         raise Rejected("nothing to publish: give at least one bundle")

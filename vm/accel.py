@@ -71,6 +71,7 @@ def choose(probe_kernel: Path | None = None) -> Accel:
 
 def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT) -> bool:
     """Boot `kernel` under KVM without a root file system; True if it gets as far as looking for one."""
+    # here, not at the top: vm.machine imports this module to choose its accelerator
     from .console import ConsoleClosed, ConsoleTimeout
     from .machine import Machine
 

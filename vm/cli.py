@@ -13,9 +13,12 @@ import termios
 import tty
 from pathlib import Path
 
+from mkimage.build import BuildResult, build
+from mkimage.config import load_config
 from recovery.core.cli import UsageError
 
 from . import VMError
+from .demo import Narrator, run_demo
 from .disk import DiskImage
 from .drive import DiskInterface
 from .machine import Firmware, Machine
@@ -76,11 +79,6 @@ def _terminal(machine: Machine) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mkimage.build import BuildResult, build
-    from mkimage.config import load_config
-
-    from .demo import Narrator, run_demo
-
     if not args.debug:
         # qemu.qmp tells at INFO level that QEMU closed its monitor when the demo ends it: not news.
         logging.getLogger("qemu.qmp").setLevel(logging.WARNING)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mkimage.publish import publish
 from recovery.core.feed import FEED_NAME
 from recovery.core.version import Version
 
@@ -122,7 +123,6 @@ def signing_key(built: BuildResult) -> Path:
 
 def publish_releases(built: BuildResult, directory: Path) -> str:
     """`reflash publish` of every built bundle into `directory` (made afresh); the newest version."""
-    from mkimage.publish import publish
 
     if directory.exists():
         shutil.rmtree(directory)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ctypes
 import os
 import shlex
 import subprocess
@@ -57,3 +58,15 @@ def run(
         last = " / ".join(line.strip() for line in tail.strip().splitlines()[-3:] if line.strip())
         raise error(f"{os.path.basename(args[0])} exited with status {proc.returncode}" + (f": {last}" if last else ""))
     return proc
+
+
+LINUX_REBOOT_CMD_RESTART = 0x01234567
+
+
+def reboot_now() -> None:
+    """sync(2), then reboot(2) with no shutdown (the recovery OS has none; the running system only when
+    systemd is not there). Returns only if the kernel refused; Failed then says why."""
+    os.sync()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.reboot(LINUX_REBOOT_CMD_RESTART) != 0:
+        raise Failed(f"reboot(2) failed: {os.strerror(ctypes.get_errno())}")

@@ -1,4 +1,8 @@
-"""The `recovery` command line, and the CLI boundary every command of this project shares."""
+"""The `recovery` command line of the recovery OS (on a build host: `python -m recovery.os`).
+
+Each command imports what it needs when it runs: `recovery retry` in the rescue shell and `recovery
+init` as PID 1 must start without loading libarchive, cryptography and pyudev they may not need.
+"""
 
 from __future__ import annotations
 

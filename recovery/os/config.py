@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recovery.core.errors import Rejected
+from recovery.core.instruction import DiskSpec
 from recovery.core.toml import read_toml
 
 DEFAULT_PATH = Path("/etc/recovery/recovery.toml")
@@ -17,12 +18,14 @@ ROLES = ("cfg", "system", "recovery", "storage")
 
 @dataclass(frozen=True)
 class RecoveryConfig:
+    """`/etc/recovery/recovery.toml` in the recovery OS (written by `reflash build`/`reflash recovery`)."""
+
     product: str
     keys: Path
-    cfg: str
-    system: str
-    recovery: str
-    storage: str
+    cfg: DiskSpec
+    system: DiskSpec
+    recovery: DiskSpec
+    storage: DiskSpec
     device_timeout: float = 30.0
 
     @classmethod
@@ -43,12 +46,14 @@ class RecoveryConfig:
         timeout = data.get("device_timeout", 30)
         if not isinstance(timeout, int | float) or timeout < 0:
             raise Rejected(f"{source}: device_timeout must be a number of seconds")
-        return cls(
-            product=product,
-            keys=Path(data.get("keys", "/etc/recovery/keys")),
-            device_timeout=float(timeout),
-            **{r: parts[r] for r in ROLES},
-        )
+        specs = {}
+        for role in ROLES:
+            try:
+                specs[role] = DiskSpec.parse(parts[role])
+            except Rejected as e:
+                raise Rejected(f"{source}: partitions.{role}: {e}") from None
+        return cls(product=product, keys=Path(data.get("keys", "/etc/recovery/keys")), device_timeout=float(timeout),
+                   **specs)
 
     def to_toml(self) -> str:
         lines = [
@@ -57,7 +62,7 @@ class RecoveryConfig:
             f"device_timeout = {self.device_timeout:g}",
             "",
             "[partitions]",
-            *(f"{r} = {json.dumps(getattr(self, r))}" for r in ROLES),
+            *(f"{r} = {json.dumps(str(getattr(self, r)))}" for r in ROLES),
         ]
         # JSON strings are valid TOML basic strings for everything a config holds.
         return "\n".join(lines) + "\n"

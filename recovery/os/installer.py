@@ -10,39 +10,34 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 from uuid import uuid4
 
 from recovery.core.atomic import atomic_write, checkpoint_journal, durable_unlink
+from recovery.core.bundle import VerifiedBundle, verify_bundle
+from recovery.core.envblock import format_envblock
 from recovery.core.errors import Failed, Rejected, UpdateError
+from recovery.core.instruction import DiskSpecKind, Instruction, read_instruction
+from recovery.core.keys import Keyring
+from recovery.core.osrelease import read_os_release
 from recovery.core.output import Progress
 from recovery.core.result import Outcome, Result, now, write_result
 from recovery.core.version import Version
+from recovery.os import devices, mounts
+from recovery.os import erase as erasing
 from recovery.os.cmdline import Boot
 from recovery.os.config import RecoveryConfig
 from recovery.os.console import Console
-
-if TYPE_CHECKING:
-    from recovery.core.instruction import Instruction
-
-
-
+from recovery.os.extract import ExtractStats, extract_payload
 
 log = logging.getLogger("recovery")
 
-
 RUN = Path("/run/recovery")
-
-
 CFG_MOUNT = RUN / "cfg"
-
-
 STORAGE_MOUNT = RUN / "storage"
-
-
 SYSTEM_MOUNT = RUN / "system"
 
 
@@ -76,29 +71,38 @@ def _syncfs(fd: int, device: Path) -> None:
         raise Failed(f"writing the new system to {device} failed: {os.strerror(ctypes.get_errno())}")
 
 
-def _read_os_version(root: Path) -> str | None:
-    try:
-        for line in (root / "etc/os-release").read_text().splitlines():
-            key, _, value = line.partition("=")
-            if key == "VERSION_ID":
-                return value.strip().strip('"')
-    except (OSError, UnicodeDecodeError):
-        pass
-    return None
+@dataclass(frozen=True)
+class IncompleteMarker:
+    """`recovery/system-incomplete` on cfg: written before the erase, removed with the instruction
+    (schema in DESIGN.md). While it exists the system partition is not a system to go back to."""
 
+    uuid: str  # the system file system's UUID, kept across the erase
+    label: str | None = None
+    since: str | None = None
+    from_version: str | None = None
+    try_: int | None = None
 
-def _read_marker(cfg: Path) -> dict | None:
-    """The record an earlier try left before erasing, or None when the system is whole."""
-    try:
-        raw = (cfg / INCOMPLETE).read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        marker = json.loads(raw)
-    except ValueError:
-        marker = None
-    # Even an unreadable marker means the system was being rewritten: never treat it as whole.
-    return marker if isinstance(marker, dict) and isinstance(marker.get("uuid"), str) else {"uuid": str(uuid4())}
+    @classmethod
+    def read(cls, cfg: Path) -> IncompleteMarker | None:
+        """The marker an earlier try left, or None when the system is whole."""
+        try:
+            raw = (cfg / INCOMPLETE).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict) or not isinstance(doc.get("uuid"), str):
+            # Even an unreadable marker means the system was being rewritten: never treat it as whole.
+            return cls(uuid=str(uuid4()))
+        text = {k: v if isinstance(v, str) else None for k in ("label", "since", "from_version") for v in [doc.get(k)]}
+        return cls(uuid=doc["uuid"], try_=doc["try"] if type(doc.get("try")) is int else None, **text)
+
+    def write(self, cfg: Path, try_: int) -> None:
+        doc = {"since": self.since, "from_version": self.from_version, "label": self.label, "uuid": self.uuid,
+               "try": try_}
+        atomic_write(cfg / INCOMPLETE, json.dumps(doc).encode() + b"\n")
 
 
 def _bundle_path(storage: Path, file: Path) -> Path:
@@ -109,14 +113,43 @@ def _bundle_path(storage: Path, file: Path) -> Path:
     return path
 
 
-class Installer:
-    """One run of the install, from the instruction to the written result."""
+@dataclass(frozen=True)
+class Parts:
+    """What the installer does to the machine; tests give fakes here (tests/unit/test_init_checks.py)."""
 
-    def __init__(self, config: RecoveryConfig, boot: Boot, console: Console, cfg: Path = CFG_MOUNT) -> None:
+    find_device: Callable[..., Path] = devices.find_device
+    same_device: Callable[[Path, Path], bool] = devices.same_device
+    partition_info: Callable[[Path], devices.PartitionInfo] = devices.partition_info
+    mounted_at: Callable[[Path], list[str]] = mounts.mounted_at
+    mount: Callable[..., None] = devices.mount
+    umount: Callable[[Path], None] = devices.umount
+    erase: Callable[..., None] = erasing.erase
+    filesystem_identity: Callable[[Path], tuple[str | None, str | None]] = erasing.filesystem_identity
+    extract_payload: Callable[..., ExtractStats] = extract_payload
+    write_marker: Callable[[IncompleteMarker, Path, int], None] = IncompleteMarker.write
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the install acts on, resolved and checked while the system partition is untouched."""
+
+    instruction: Instruction
+    system: Path  # the system partition's device node
+    bundle: VerifiedBundle
+    marker: IncompleteMarker  # the identity the erase keeps: an earlier try's, or the system's own
+
+
+class Installer:
+    """One run of the install: `resolve()` makes the plan (every rejection happens there), `apply(plan)`
+    erases and extracts; `run()` is both, `record()` writes the verdict."""
+
+    def __init__(self, config: RecoveryConfig, boot: Boot, console: Console, cfg: Path = CFG_MOUNT,
+                 parts: Parts = Parts()) -> None:
         self.config = config
         self.boot = boot
         self.console = console
         self.cfg = cfg
+        self.parts = parts
         self.seconds: dict[str, float] = {}
         self.started = now()
         self.from_version: str | None = None
@@ -138,92 +171,79 @@ class Installer:
 
     def run(self) -> Result:
         """Install; return installed or rejected, raise for failed (the caller decides what stays)."""
-        from recovery.core.bundle import verify_bundle
-        from recovery.core.instruction import DiskSpec, DiskSpecKind, read_instruction
-        from recovery.core.keys import Keyring
-        from recovery.os.devices import (
-            find_device,
-            mount,
-            partition_info,
-            same_device,
-            umount,
-        )
-        from recovery.os.erase import erase, filesystem_identity
-        from recovery.os.extract import extract_payload
-        from recovery.os.mounts import mounted_at
-
-        marker = _read_marker(self.cfg)
-        incomplete = marker is not None
-        if marker is not None:
-            self.from_version = marker.get("from_version")
+        earlier = IncompleteMarker.read(self.cfg)
+        if earlier is not None:
+            self.from_version = earlier.from_version
         try:
             with _stage(self.console, "verifying", self.seconds, "verify"):
-                instruction = read_instruction(self.cfg / INSTRUCTION)
-                self.to_version = instruction.version
-                timeout = self.config.device_timeout
-                system = find_device(DiskSpec.parse(self.config.system), timeout=timeout)
-                storage = find_device(instruction.disk, timeout=timeout)
-                for role in ("cfg", "recovery"):
-                    other = find_device(DiskSpec.parse(getattr(self.config, role)), timeout=timeout)
-                    if same_device(system, other):
-                        raise Rejected(f"system partition {system} is the {role} partition")
-                if same_device(system, storage):
-                    raise Rejected(f"the bundle's disk {instruction.disk} is the system partition")
-                if where := mounted_at(system):
-                    raise Rejected(f"system partition {system} is mounted on {', '.join(where)}")
-                part = partition_info(system)
-                spec = DiskSpec.parse(self.config.system)
-                if spec.kind == DiskSpecKind.partlabel and part.name != spec.value:
-                    raise Rejected(f"partition {system} is named {part.name!r}, expected {spec.value!r}")
-                if not incomplete:
-                    self.from_version = self._installed_version(system)
-                self._check_downgrade(instruction)
-                mount(storage, STORAGE_MOUNT, options="ro,nosuid,nodev,noexec")
-                bundle = verify_bundle(
-                    _bundle_path(STORAGE_MOUNT, Path(os.fspath(instruction.file))),
-                    Keyring.load(self.config.keys),
-                    product=self.config.product,
-                    version=instruction.version,
-                    sha256=instruction.sha256,
-                    capacity=part.size,
-                )
+                plan = self.resolve(earlier)
         except (Rejected, Failed, OSError) as e:
             # Before the erase every problem is a rejection: the system is still whole.
-            if not isinstance(e, Rejected):
-                e = Rejected(str(e))
-            if incomplete:
+            reason = str(e)
+            if earlier is not None:
                 # An earlier try erased the system: there is nothing to go back to.
-                raise Failed(f"{e}; the system partition is incomplete from an earlier try") from None
-            return self.result(Outcome.rejected, str(e))
-
-        # The file system's identity is kept across the erase (fstab and GRUB may name it); it is
-        # recorded first, so a try after a power cut mid-mkfs still knows it.
-        if marker is None:
-            label, uuid = filesystem_identity(system)
-            marker = {"since": now(), "from_version": self.from_version, "label": label,
-                      "uuid": uuid or str(uuid4())}
-        atomic_write(self.cfg / INCOMPLETE, json.dumps({**marker, "try": self.boot.try_count}).encode() + b"\n")
+                raise Failed(f"{reason}; the system partition is incomplete from an earlier try") from None
+            return self.result(Outcome.rejected, reason)
         try:
-            with _stage(self.console, "erasing", self.seconds, "erase"):
-                erase(system, label=marker.get("label") or None, uuid=marker["uuid"],
-                      files=bundle.manifest.rootfs_files)
-            with _stage(self.console, "extracting", self.seconds, "extract"):
-                mount(system, SYSTEM_MOUNT, options="rw,nosuid,nodev")
-                # Opened before the first write: syncfs on it reports every write error since (sync(2)
-                # reports none, and the page cache hides them from the extraction's own writes).
-                root = os.open(SYSTEM_MOUNT, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    progress = Progress(
-                        bundle.manifest.payload.size, "recovery: extracting", stream=sys.stdout, live=False
-                    )
-                    stats = extract_payload(bundle, SYSTEM_MOUNT, progress=progress)
-                    progress.finish()
-                    _syncfs(root, system)
-                finally:
-                    os.close(root)
-                umount(SYSTEM_MOUNT)
+            return self.apply(plan)
         except UpdateError as e:
             raise Failed(str(e)) from None
+
+    def resolve(self, earlier: IncompleteMarker | None) -> Plan:
+        """Instruction -> disks -> bundle, every check made; nothing is written."""
+        p, config = self.parts, self.config
+        instruction = read_instruction(self.cfg / INSTRUCTION)
+        self.to_version = instruction.version
+        timeout = config.device_timeout
+        system = p.find_device(config.system, timeout=timeout)
+        storage = p.find_device(instruction.disk, timeout=timeout)
+        for role in ("cfg", "recovery"):
+            if p.same_device(system, p.find_device(getattr(config, role), timeout=timeout)):
+                raise Rejected(f"system partition {system} is the {role} partition")
+        if p.same_device(system, storage):
+            raise Rejected(f"the bundle's disk {instruction.disk} is the system partition")
+        if where := p.mounted_at(system):
+            raise Rejected(f"system partition {system} is mounted on {', '.join(where)}")
+        part = p.partition_info(system)
+        if config.system.kind == DiskSpecKind.partlabel and part.name != config.system.value:
+            raise Rejected(f"partition {system} is named {part.name!r}, expected {config.system.value!r}")
+        if earlier is None:
+            self.from_version = self._installed_version(system)
+        self._check_downgrade(instruction)
+        p.mount(storage, STORAGE_MOUNT, options="ro,nosuid,nodev,noexec")
+        bundle = verify_bundle(
+            _bundle_path(STORAGE_MOUNT, Path(os.fspath(instruction.file))),
+            Keyring.load(config.keys),
+            product=config.product, version=instruction.version, sha256=instruction.sha256, capacity=part.size,
+        )
+        if earlier is None:
+            # The file system's identity is kept across the erase (fstab and GRUB may name it).
+            label, uuid = p.filesystem_identity(system)
+            earlier = IncompleteMarker(uuid=uuid or str(uuid4()), label=label, since=now(),
+                                       from_version=self.from_version)
+        return Plan(instruction=instruction, system=system, bundle=bundle, marker=earlier)
+
+    def apply(self, plan: Plan) -> Result:
+        """Erase the system partition and extract the bundle into it. The marker goes to cfg first, so a
+        try after a power cut mid-mkfs still knows the identity to keep."""
+        p, bundle = self.parts, plan.bundle
+        p.write_marker(plan.marker, self.cfg, self.boot.try_count)
+        with _stage(self.console, "erasing", self.seconds, "erase"):
+            p.erase(plan.system, label=plan.marker.label or None, uuid=plan.marker.uuid,
+                    files=bundle.manifest.rootfs_files)
+        with _stage(self.console, "extracting", self.seconds, "extract"):
+            p.mount(plan.system, SYSTEM_MOUNT, options="rw,nosuid,nodev")
+            # Opened before the first write: syncfs on it reports every write error since (sync(2)
+            # reports none, and the page cache hides them from the extraction's own writes).
+            root = os.open(SYSTEM_MOUNT, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                progress = Progress(bundle.manifest.payload.size, "recovery: extracting", stream=sys.stdout, live=False)
+                stats = p.extract_payload(bundle, SYSTEM_MOUNT, progress=progress)
+                progress.finish()
+                _syncfs(root, plan.system)
+            finally:
+                os.close(root)
+            p.umount(SYSTEM_MOUNT)
         return self.result(Outcome.installed, files=stats.files, nbytes=stats.bytes)
 
     def _check_downgrade(self, instruction: Instruction) -> None:
@@ -237,16 +257,14 @@ class Installer:
             raise Rejected(f"downgrade from {installed} to {instruction.version} not allowed by the instruction")
 
     def _installed_version(self, system: Path) -> str | None:
-        from recovery.os.devices import mount, umount
-
         try:
-            mount(system, SYSTEM_MOUNT, options="ro,nosuid,nodev,noexec,noload")
+            self.parts.mount(system, SYSTEM_MOUNT, options="ro,nosuid,nodev,noexec,noload")
         except Failed:
             return None
         try:
-            return _read_os_version(SYSTEM_MOUNT)
+            return read_os_release(SYSTEM_MOUNT).version_id
         finally:
-            umount(SYSTEM_MOUNT)
+            self.parts.umount(SYSTEM_MOUNT)
 
     def record(self, result: Result) -> None:
         """Write the verdict; the instruction goes only when nothing more will be tried."""
@@ -264,7 +282,6 @@ class Installer:
 
 def reset_fallback_counter(cfg: Path) -> None:
     """An empty block for GRUB to count garbage instructions' tries in (made if it is missing)."""
-    from recovery.core.envblock import format_envblock
 
     (cfg / FALLBACK_COUNTER).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(cfg / FALLBACK_COUNTER, format_envblock({}))

@@ -7,7 +7,6 @@ the instruction stays until the new system is complete, so a power cut leads to 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import subprocess
@@ -17,11 +16,13 @@ from pathlib import Path
 
 from recovery.core.atomic import checkpoint_journal
 from recovery.core.errors import Failed, UpdateError
+from recovery.core.instruction import clear_try
 from recovery.core.result import Outcome, Result, append_log, log_tail, read_result
-from recovery.core.run import run
+from recovery.core.run import reboot_now, run
 from recovery.os.cmdline import Boot, CommandLineRefused
 from recovery.os.config import DEFAULT_PATH, RecoveryConfig
 from recovery.os.console import Console, _BufferHandler
+from recovery.os.devices import find_device, mount, umount_all
 from recovery.os.installer import (
     CFG_MOUNT,
     FALLBACK_COUNTER,
@@ -31,10 +32,6 @@ from recovery.os.installer import (
     Installer,
     reset_fallback_counter,
 )
-
-
-
-
 
 log = logging.getLogger("recovery")
 
@@ -97,11 +94,19 @@ def reap_orphans() -> None:
 
 
 def reboot() -> None:
-    """Sync and restart the machine through reboot(2); returns only if the kernel refused."""
-    os.sync()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.reboot(0x01234567)  # LINUX_REBOOT_CMD_RESTART
-    log.error("reboot(2) failed: %s", os.strerror(ctypes.get_errno()))
+    """Restart the machine; returns only if the kernel refused (PID 1 then goes on to the rescue path)."""
+    try:
+        reboot_now()
+    except Failed as e:
+        log.error("%s", e)
+
+
+def _crash(console: Console, e: BaseException) -> str:
+    """Put the traceback on the console and in the log to keep; the one-line reason for the verdict."""
+    trace = traceback.format_exc()
+    print(trace, file=sys.stderr, flush=True)
+    console.buffer.write(trace)
+    return f"crash: {type(e).__name__}: {e}"
 
 
 def _verdict(console: Console, result: Result) -> None:
@@ -112,12 +117,9 @@ def _verdict(console: Console, result: Result) -> None:
 
 
 def _mount_cfg(config: RecoveryConfig) -> Path:
-    from recovery.core.instruction import DiskSpec
-    from recovery.os.devices import find_device, mount
-
     if os.path.ismount(CFG_MOUNT):
         return CFG_MOUNT
-    node = find_device(DiskSpec.parse(config.cfg), timeout=config.device_timeout)
+    node = find_device(config.cfg, timeout=config.device_timeout)
     # A power cut may have left cfg dirty: repair what e2fsck -p repairs safely before mounting rw.
     proc = run(["e2fsck", "-p", node], check=False)
     if proc.returncode >= 4:
@@ -149,16 +151,11 @@ def install(config: RecoveryConfig, boot: Boot, console: Console) -> None:
     except Failed as e:
         result = installer.result(Outcome.failed, str(e))
     except Exception as e:  # a crash is a failed try, with the evidence kept
-        trace = traceback.format_exc()
-        print(trace, file=sys.stderr, flush=True)
-        console.buffer.write(trace)
-        result = installer.result(Outcome.failed, f"crash: {type(e).__name__}: {e}")
+        result = installer.result(Outcome.failed, _crash(console, e))
     _finish(installer, result)
 
 
 def _finish(installer: Installer, result: Result) -> None:
-    from recovery.os.devices import umount_all
-
     console = installer.console
     installer.record(result)
     _verdict(console, result)
@@ -201,7 +198,6 @@ def rescue(config: RecoveryConfig | None, console: Console) -> None:
 
 def retry(cfg: Path | None = None) -> None:
     """`recovery retry`: clear the try counter so the next boot tries the update again."""
-    from recovery.core.instruction import clear_try
 
     if cfg is None:
         cfg = CFG_MOUNT if os.path.ismount(CFG_MOUNT) else _mount_cfg(RecoveryConfig.load())
@@ -246,10 +242,7 @@ def main() -> None:
             install(config, boot, console)
     except BaseException as e:  # noqa: BLE001 - PID 1 must never die
         # A crash outside the install proper: failed, so the instruction stays and GRUB counts a try.
-        trace = traceback.format_exc()
-        print(trace, file=sys.stderr, flush=True)
-        console.buffer.write(trace)
-        console.say(f"recovery: failed: crash: {type(e).__name__}: {e}")
+        console.say(f"recovery: failed: {_crash(console, e)}")
         if os.path.ismount(CFG_MOUNT):
             try:
                 append_log(CFG_MOUNT, console.buffer.getvalue())

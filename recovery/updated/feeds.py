@@ -5,7 +5,8 @@ from __future__ import annotations
 from recovery.core.errors import Rejected
 from recovery.core.feed import FEED_NAME, SIGNATURE_SUFFIX, Feed, verify_feed
 from recovery.core.keys import Keyring
-from recovery.updated.transfer import Source, fetch
+from recovery.updated.source import Source
+from recovery.updated.transfer import fetch
 
 
 def feed_source(location: str) -> Source:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from recovery.core.errors import Rejected
+from recovery.core.osrelease import OsRelease, read_os_release
 from recovery.core.toml import read_toml
 
 log = logging.getLogger(__name__)
@@ -23,9 +24,6 @@ INSTRUCTION = "update-instruction"  # below cfg; the name GRUB and the recovery 
 
 
 DEFAULT_OS_RELEASE = Path("/etc/os-release")
-
-
-FALLBACK_OS_RELEASE = Path("/usr/lib/os-release")
 
 
 KNOWN = {"product", "keys", "cfg", "storage", "storage_disk", "bundles", "os_release"}
@@ -90,26 +88,9 @@ class SystemConfig:
 
     def running_version(self) -> str | None:
         """VERSION_ID from os-release; None when the file or the key is missing."""
-        candidates = [self.os_release]
         if self.os_release == DEFAULT_OS_RELEASE:
-            candidates.append(FALLBACK_OS_RELEASE)  # os-release(5): read this when /etc has none
-        for path in candidates:
-            try:
-                return _version_id(path.read_text(errors="replace").splitlines())
-            except FileNotFoundError:
-                continue
-            except OSError:
-                return None
-        return None
-
-
-def _version_id(lines: list[str]) -> str | None:
-    for line in lines:
-        key, sep, value = line.strip().partition("=")
-        if sep and key == "VERSION_ID":
-            value = value.strip()
-            # os-release allows shell-style quoting; versions never contain quotes themselves.
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-                value = value[1:-1]
-            return value or None
-    return None
+            return read_os_release().version_id  # /etc/os-release, else /usr/lib/os-release
+        try:
+            return OsRelease.parse(self.os_release.read_text(errors="replace")).version_id
+        except OSError:
+            return None

@@ -17,13 +17,13 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import psutil
 
-from recovery.core.errors import Failed, Rejected
+from recovery.core.errors import Failed, Rejected, UpdateError
 from recovery.core.output import MiB, Progress, strip_controls
+from recovery.updated.source import Scheme, Source
 
 log = logging.getLogger(__name__)
 
@@ -46,63 +46,6 @@ FreeSpace = Callable[[Path], int]
 def free_space(path: Path) -> int:
     """Bytes available to us (not to root's reserve) on the file system holding `path`."""
     return int(psutil.disk_usage(os.fspath(path)).free)
-
-
-class Scheme(StrEnum):
-    http = "http"
-    https = "https"
-    file = "file"
-
-    @property
-    def remote(self) -> bool:
-        return self != Scheme.file
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a bundle or feed comes from: a URL, or a local path (given plainly or as file://)."""
-
-    scheme: Scheme
-    url: str  # for a local file: its path, as given
-    path: Path | None = None  # local files only
-
-    @classmethod
-    def parse(cls, text: str) -> Source:
-        if not text:
-            raise Rejected("empty source: give a URL or a file")
-        parts = urllib.parse.urlsplit(text)
-        # A path that exists wins over a URL reading: `a:b.bundle` is a file name, not a scheme.
-        if not parts.scheme or Path(text).exists():
-            return cls(Scheme.file, text, Path(text))
-        if parts.scheme == "file":
-            if parts.netloc not in ("", "localhost"):
-                raise Rejected(f"file URL {text} names another host: only local files are supported")
-            return cls(Scheme.file, text, Path(urllib.parse.unquote(parts.path)))
-        if parts.scheme in (Scheme.http, Scheme.https):
-            if not parts.hostname:
-                raise Rejected(f"URL {text} has no host")
-            return cls(Scheme(parts.scheme), text)
-        raise Rejected(f"unsupported source {text}: use http://, https://, file:// or a path")
-
-    @property
-    def name(self) -> str:
-        """The file name the source ends in; it names the staged file, so it must be a plain name."""
-        if self.path is not None:
-            name = self.path.name
-        else:
-            name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlsplit(self.url).path)).name
-        if not name or name.startswith(".") or "/" in name or "\0" in name:
-            raise Rejected(f"cannot tell a file name from {self.url}")
-        return name
-
-    def join(self, reference: str) -> Source:
-        """A source relative to this one, as a link in a page at this URL would be."""
-        if self.path is not None and not urllib.parse.urlsplit(reference).scheme:
-            return Source(Scheme.file, os.fspath(self.path.parent / reference), self.path.parent / reference)
-        return Source.parse(urllib.parse.urljoin(self.url, reference))
-
-    def __str__(self) -> str:
-        return self.url
 
 
 def _mib_up(n: int) -> int:
@@ -349,29 +292,37 @@ def _pump(
     progress: bool,
     offset: int,
 ) -> int:
-    bar = Progress(remaining, f"downloading {source.name}", stream=sys.stdout) if progress and remaining else None
     total = offset + remaining if remaining is not None else None
-    received = 0
-    while True:
-        want = CHUNK if remaining is None else min(CHUNK, remaining - received)
-        if want <= 0:
-            break
+    # http.client returns a short body without complaint: the length is ours to check.
+    return _move(response.read, target, remaining, f"downloading {source.name}", progress=progress,
+                 failed=lambda have, why: _interrupted(source, offset + have, total, why))
+
+
+def _move(
+    read: Callable[[int], bytes], target: _Target, length: int | None, label: str, *, progress: bool,
+    failed: Callable[[int, str], UpdateError], bar_total: int | None = None,
+) -> int:
+    """Copy `length` bytes (None: to the end) from `read` into `target`, CHUNK by CHUNK, with a progress
+    bar; a read that fails, or ends before `length`, raises `failed(bytes so far, why)`."""
+    bar_total = length if bar_total is None else bar_total
+    bar = Progress(bar_total, label, stream=sys.stdout) if progress and bar_total else None
+    moved = 0
+    while length is None or moved < length:
         try:
-            data = response.read(want)
+            data = read(CHUNK if length is None else min(CHUNK, length - moved))
         except (OSError, http.client.HTTPException) as e:
-            raise _interrupted(source, offset + received, total, _reason(e)) from None
+            raise failed(moved, _reason(e)) from None
         if not data:
-            if remaining is None:
+            if length is None:
                 break
-            # http.client returns a short body without complaint: the length is ours to check.
-            raise _interrupted(source, offset + received, total, "connection closed early")
+            raise failed(moved, "connection closed early")
         target.write(data)
-        received += len(data)
+        moved += len(data)
         if bar:
             bar.update(len(data))
     if bar:
         bar.finish()
-    return received
+    return moved
 
 
 def _interrupted(source: Source, have: int, total: int | None, why: str) -> Interrupted:
@@ -397,22 +348,8 @@ def _copy(source: Source, target: _Target, *, free: FreeSpace, progress: bool) -
         target.truncate()
         size = os.fstat(f.fileno()).st_size
         check_space(target.path.parent, size, where=target.where, free=free)
-        bar = Progress(size, f"copying {source.name}", stream=sys.stdout) if progress and size else None
-        copied = 0
-        while True:
-            try:
-                data = f.read(CHUNK)
-            except OSError as e:
-                raise Rejected(f"cannot read {source.path}: {e.strerror or e}") from None
-            if not data:
-                break
-            target.write(data)
-            copied += len(data)
-            if bar:
-                bar.update(len(data))
-        if bar:
-            bar.finish()
-    return copied
+        return _move(f.read, target, None, f"copying {source.name}", progress=progress, bar_total=size,
+                     failed=lambda have, why: Rejected(f"cannot read {source.path}: {why}"))
 
 
 def fetch(source: Source, *, limit: int = 4 * MiB, timeout: float = TIMEOUT) -> bytes:

@@ -6,7 +6,6 @@ checks), name the bundle's final place, write the instruction atomically, then r
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import json
@@ -28,12 +27,13 @@ from recovery.core.instruction import Instruction, read_instruction, write_instr
 from recovery.core.keys import Keyring
 from recovery.core.output import Progress, step
 from recovery.core.result import read_result
-from recovery.core.run import run
+from recovery.core.run import reboot_now, run
 from recovery.core.version import Version
 from recovery.updated.feeds import load_feed
 from recovery.updated.feedstate import check_fresh, read_state, remember
 from recovery.updated.sysconfig import SystemConfig
-from recovery.updated.transfer import PARTIAL, FreeSpace, Source, download, free_space
+from recovery.updated.source import Source
+from recovery.updated.transfer import PARTIAL, FreeSpace, download, free_space
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,10 @@ def reboot_system() -> None:
     if Path("/run/systemd/system").exists():
         run(["systemctl", "reboot"])
         return
-    os.sync()
-    libc = ctypes.CDLL(None, use_errno=True)
-    RB_AUTOBOOT = 0x01234567
-    if libc.reboot(RB_AUTOBOOT) != 0:
-        err = ctypes.get_errno()
-        raise Failed(f"reboot failed: {os.strerror(err)}; the update is staged, reboot by hand to install it")
+    try:
+        reboot_now()
+    except Failed as e:
+        raise Failed(f"{e}; the update is staged, reboot by hand to install it") from None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from recovery.updated.transfer import Interrupted, Scheme, Source, download, fetch
+from recovery.updated.source import Scheme, Source
+from recovery.updated.transfer import Interrupted, download, fetch
 from recovery.core.errors import Rejected
 
 from .reflashctl_support import ServerState, http_server, refused_url, self_signed

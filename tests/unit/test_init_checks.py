@@ -14,23 +14,24 @@ from typing import Any
 
 import pytest
 
-from recovery.os import devices, erase, extract, installer, mounts
+from recovery.os import installer
 from recovery.os.config import RecoveryConfig
 from recovery.os.devices import PartitionInfo
-from recovery.os.installer import INCOMPLETE, INSTRUCTION, Installer
+from recovery.os.installer import INCOMPLETE, INSTRUCTION, Installer, Parts
 from recovery.os.cmdline import Boot
 from recovery.os.console import Console
-from recovery.core.instruction import Instruction, write_instruction
+from recovery.core.instruction import DiskSpec, Instruction, write_instruction
 from recovery.core.result import Outcome
 
 NODES = {"PARTLABEL=cfg": "/dev/vda3", "PARTLABEL=system": "/dev/vda2", "PARTLABEL=recovery": "/dev/vda5",
          "PARTLABEL=storage": "/dev/vda4"}
-CONFIG = RecoveryConfig(product="demo-appliance", keys=Path("/nonexistent"), cfg="PARTLABEL=cfg",
-                        system="PARTLABEL=system", recovery="PARTLABEL=recovery", storage="PARTLABEL=storage")
+CONFIG = RecoveryConfig(product="demo-appliance", keys=Path("/nonexistent"), cfg=DiskSpec.parse("PARTLABEL=cfg"),
+                        system=DiskSpec.parse("PARTLABEL=system"), recovery=DiskSpec.parse("PARTLABEL=recovery"),
+                        storage=DiskSpec.parse("PARTLABEL=storage"))
 
 
 @pytest.fixture
-def machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+def machine(tmp_path: Path) -> dict[str, Any]:
     """A fake disk: spec -> node, the mount table and the system partition's GPT name."""
     state: dict[str, Any] = {"nodes": dict(NODES), "mounted": {}, "name": "system", "touched": []}
 
@@ -44,13 +45,12 @@ def machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         state["touched"].append(args)
         raise AssertionError(f"the target was touched: {args}")
 
-    monkeypatch.setattr(devices, "find_device", find_device)
-    monkeypatch.setattr(devices, "same_device", lambda a, b: Path(a) == Path(b))
-    monkeypatch.setattr(devices, "partition_info", partition_info)
-    monkeypatch.setattr(mounts, "mounted_at", lambda node: state["mounted"].get(str(node), []))
-    for module, name in ((devices, "mount"), (erase, "erase"), (extract, "extract_payload"),
-                         (installer, "atomic_write")):
-        monkeypatch.setattr(module, name, forbidden)
+    # every part that would act on the machine is forbidden: the checks must decide before any of them
+    state["parts"] = Parts(
+        find_device=find_device, same_device=lambda a, b: Path(a) == Path(b), partition_info=partition_info,
+        mounted_at=lambda node: state["mounted"].get(str(node), []), mount=forbidden, umount=forbidden,
+        erase=forbidden, filesystem_identity=forbidden, extract_payload=forbidden, write_marker=forbidden,
+    )
     cfg = tmp_path / "cfg"
     (cfg / "recovery").mkdir(parents=True)
     write_instruction(cfg / INSTRUCTION, Instruction.create(
@@ -60,7 +60,7 @@ def machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 
 def run(state: dict[str, Any], config: RecoveryConfig = CONFIG) -> Any:
-    result = Installer(config, Boot(try_count=1), Console(), state["cfg"]).run()
+    result = Installer(config, Boot(try_count=1), Console(), state["cfg"], parts=state["parts"]).run()
     assert state["touched"] == [] and not (state["cfg"] / INCOMPLETE).exists()
     return result
 
@@ -68,7 +68,7 @@ def run(state: dict[str, Any], config: RecoveryConfig = CONFIG) -> Any:
 def test_the_fakes_reach_the_bundle_check(machine: dict[str, Any]) -> None:
     # With every check passed the installer goes on to mount storage: the one step the fakes forbid.
     with pytest.raises(AssertionError, match="the target was touched"):
-        Installer(CONFIG, Boot(), Console(), machine["cfg"]).run()
+        Installer(CONFIG, Boot(), Console(), machine["cfg"], parts=machine["parts"]).run()
 
 
 @pytest.mark.parametrize("role", ["cfg", "recovery"])
@@ -101,9 +101,9 @@ def test_system_partition_with_another_name_is_rejected(machine: dict[str, Any])
 def test_system_named_by_uuid_skips_the_name_check(machine: dict[str, Any]) -> None:
     machine["nodes"]["UUID=0b1c0b6e-6a34-4b8e-9a38-7c8c3f1e2d4a"] = NODES["PARTLABEL=system"]
     machine["name"] = "anything"
-    config = replace(CONFIG, system="UUID=0b1c0b6e-6a34-4b8e-9a38-7c8c3f1e2d4a")
+    config = replace(CONFIG, system=DiskSpec.parse("UUID=0b1c0b6e-6a34-4b8e-9a38-7c8c3f1e2d4a"))
     with pytest.raises(AssertionError, match="the target was touched"):
-        Installer(config, Boot(), Console(), machine["cfg"]).run()
+        Installer(config, Boot(), Console(), machine["cfg"], parts=machine["parts"]).run()
 
 
 def test_after_an_earlier_erase_a_refusal_is_a_failure(machine: dict[str, Any]) -> None:
@@ -111,5 +111,5 @@ def test_after_an_earlier_erase_a_refusal_is_a_failure(machine: dict[str, Any]) 
     (machine["cfg"] / INCOMPLETE).write_text('{"label": "system", "uuid": "0b1c0b6e-6a34-4b8e-9a38-7c8c3f1e2d4a"}\n')
     machine["mounted"]["/dev/vda2"] = ["/mnt/old"]
     with pytest.raises(installer.Failed, match="mounted on /mnt/old; the system partition is incomplete"):
-        Installer(CONFIG, Boot(try_count=2), Console(), machine["cfg"]).run()
+        Installer(CONFIG, Boot(try_count=2), Console(), machine["cfg"], parts=machine["parts"]).run()
     assert machine["touched"] == []

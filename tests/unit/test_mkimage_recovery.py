@@ -82,7 +82,7 @@ def test_recovery_toml_is_what_recovery_config_reads():
     text = recovery_toml(load_config(None))
     parsed = RecoveryConfig.from_dict(tomllib.loads(text))
     assert parsed.product == "demo-appliance"
-    assert (parsed.cfg, parsed.system, parsed.recovery, parsed.storage) == (
+    assert tuple(map(str, (parsed.cfg, parsed.system, parsed.recovery, parsed.storage))) == (
         "PARTLABEL=cfg", "PARTLABEL=system", "PARTLABEL=recovery", "PARTLABEL=storage",
     )
     assert str(parsed.keys) == "/etc/recovery/keys" and parsed.device_timeout == 30

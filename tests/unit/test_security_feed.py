@@ -22,7 +22,8 @@ from mkimage.cli import main as mkimage
 from mkimage.publish import publish
 from recovery.os import installer
 from recovery.core.manifest import Signature
-from recovery.updated.transfer import Source, download
+from recovery.updated.source import Source
+from recovery.updated.transfer import download
 from recovery.core.errors import Rejected
 from recovery.core.feed import Feed, Release
 from recovery.updated.feedstate import STATE
@@ -183,7 +184,7 @@ def test_the_recovery_goes_on_for_an_allowed_downgrade_a_repair_or_an_upgrade(
     stage_for_recovery(machine, version, allow=allow)
     # Past every check the installer mounts storage to verify the bundle: the step the fakes forbid.
     with pytest.raises(AssertionError, match="the target was touched"):
-        Installer(CONFIG, Boot(), Console(), machine["cfg"]).run()
+        Installer(CONFIG, Boot(), Console(), machine["cfg"], parts=machine["parts"]).run()
 
 
 # --- 5b. Replayed and expired feeds -------------------------------------------------------------
