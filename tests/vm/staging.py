@@ -12,12 +12,18 @@ from typing import Any
 from recovery.core.instruction import Instruction
 from recovery.core.run import run
 from tests.unit.sample_tree import assemble_bundle, bundle_members, sign_manifest
+from vm import deadlines
 from vm.disk import DiskImage
 
 INSTRUCTION = "/update-instruction"
 RESULT = "/recovery/result.json"
 BUNDLES = "/bundles"
 MiB = 1024 * 1024
+
+
+def ready(built: Any, version: str) -> str:
+    """The line the built image's system prints once `version` is up (vm.deadlines.ready)."""
+    return deadlines.ready(built.config.product, version)
 
 
 def sha256(data: bytes) -> str:

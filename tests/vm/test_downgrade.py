@@ -14,18 +14,13 @@ from typing import Any
 import pytest
 
 from tests.reliability import Scenario, scenario  # noqa: F401  (the fixture, also without the plugin)
-from tests.vm.staging import INSTRUCTION, partition_digest, read_result, relabelled, stage
-from vm import deadlines
+from tests.vm.staging import INSTRUCTION, partition_digest, read_result, ready, relabelled, stage
 from vm.deadlines import BOOT, KERNEL, RECOVERY
 from vm.disk import DiskImage
 from vm.machine import Firmware, Machine
 
 TRANSFER = 900.0  # verification of a bundle in the guest
 NAME = "demo-appliance-0.9.0.bundle"
-
-
-def ready(built: Any, version: str) -> str:
-    return deadlines.ready(built.config.product, version)
 
 
 @pytest.fixture(scope="module")

@@ -16,23 +16,18 @@ from typing import Any
 import pytest
 
 from recovery.core.run import run
-from vm import deadlines
 from vm.deadlines import BOOT, KERNEL, RECOVERY
 from vm.disk import DiskImage
 from vm.drive import Drive, blkdebug, inject_error
 from vm.machine import Machine
 
 from tests.reliability import Scenario, scenario  # noqa: F401  (the fixture, also without the plugin)
-from tests.vm.staging import INSTRUCTION, partition_digest, read_result, stage
+from tests.vm.staging import INSTRUCTION, partition_digest, read_result, ready, stage
 from tests.vm.treecheck import check_installed
 
 SECTOR = 512
 MiB = 1024 * 1024
 BUNDLE = "/bundles/demo-appliance-2.0.0.bundle"
-
-
-def ready(built: Any, version: str) -> str:
-    return deadlines.ready(built.config.product, version)
 
 
 def faulty(disk: DiskImage, *rules: dict[str, Any]) -> Drive:

@@ -13,19 +13,14 @@ from typing import Any
 import pytest
 
 from mkimage.bundle import generate_keys
-from vm import deadlines
 from vm.deadlines import BOOT, KERNEL, RECOVERY
 from vm.disk import DiskImage
 from vm.machine import Firmware, Machine
 
-from tests.vm.staging import INSTRUCTION, bad_bundles, partition_digest, read_result, sha256, stage
+from tests.vm.staging import INSTRUCTION, bad_bundles, partition_digest, read_result, ready, sha256, stage
 from tests.reliability import Scenario, scenario  # noqa: F401  (the fixture, also without the plugin)
 from tests.vm.treecheck import acl_entries, check_installed, payload_tree
 
-
-
-def ready(built: Any, version: str) -> str:
-    return deadlines.ready(built.config.product, version)
 
 
 @pytest.fixture(scope="module")

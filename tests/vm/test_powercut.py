@@ -21,13 +21,12 @@ import pytest
 from recovery.core.errors import Rejected
 from recovery.core.instruction import parse_instruction
 from vm.console import ConsoleTimeout
-from vm import deadlines
 from vm.deadlines import BOOT, KERNEL, RECOVERY
 from vm.disk import DiskImage
 from vm.machine import Machine
 
 from tests.reliability import Scenario, scenario  # noqa: F401  (the fixture, also without the plugin)
-from tests.vm.staging import INSTRUCTION, read_result, sha256, stage, unmounted_cleanly
+from tests.vm.staging import INSTRUCTION, read_result, ready, sha256, stage, unmounted_cleanly
 from tests.vm.treecheck import check_installed, differences, installed_tree, payload_tree
 
 MARKER = "/recovery/system-incomplete"
@@ -71,10 +70,6 @@ POINTS: dict[str, CutPoint] = {
 FAST = ("extracting-50%", "result-written")  # the ones `make test` runs
 RANDOM_RUNS = 2
 RANDOM_WINDOW = 90.0  # seconds after `recovery: starting` within which a random cut falls
-
-
-def ready(built: Any, version: str) -> str:
-    return deadlines.ready(built.config.product, version)
 
 
 def last_line(m: Machine) -> str:

@@ -16,9 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.vm.staging import INSTRUCTION, read_result, stage
+from tests.vm.staging import INSTRUCTION, read_result, ready, stage
 from vm.demo import FEED_HOST, run_demo
-from vm import deadlines
 from vm.deadlines import BOOT, KERNEL, RECOVERY
 from vm.disk import DiskImage
 from vm.drive import Drive, blkdebug, inject_error
@@ -27,10 +26,6 @@ from vm.network import StaticServer, UserNetwork
 
 TRANSFER = 900.0  # download and verification of a bundle in the guest
 BUNDLE = "demo-appliance-2.0.0.bundle"
-
-
-def ready(built: Any, version: str) -> str:
-    return deadlines.ready(built.config.product, version)
 
 
 @pytest.fixture(scope="module")
