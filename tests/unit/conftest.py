@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from mkimage.bundle import generate_keys
+from tests.unit.reflashctl_support import Releases, System, make_releases, make_system
 from tests.unit.sample_tree import make_sample_tree
 
 settings.register_profile("fast", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -37,3 +38,15 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if os.geteuid() != 0:
         pytest.skip("needs root: the sample tree has device nodes, foreign owners, security.capability")
     return make_sample_tree(tmp_path_factory.mktemp("sample") / "root", variant="2.0.0")
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
+    """Signed bundles of the test releases and the keys they are signed with (tests/unit/reflashctl_support.py)."""
+    return make_releases(tmp_path_factory.mktemp("releases"))
+
+
+@pytest.fixture
+def system(tmp_path: Path, releases: Releases) -> System:
+    """A running system's cfg, storage and configuration in a directory, running 1.0.0."""
+    return make_system(tmp_path / "system", releases)

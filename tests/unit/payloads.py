@@ -81,9 +81,10 @@ def tar(*entries: Entry, end: bool = True) -> bytes:
     return out.getvalue()
 
 
-def tree_state(root: Path) -> dict[str, tuple[int, int, int, str]]:
-    """Every path under root with mode, link count, mtime and content (or link target)."""
-    state = {}
+def tree_state(root: Path) -> dict[str, tuple[object, ...]]:
+    """Every path under `root` (the root too): type and mode, owner, link count, mtime, content or link
+    target, and every extended attribute (ACLs are the system.posix_acl_* ones)."""
+    state: dict[str, tuple[object, ...]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [*dirnames, *filenames, "."]:
             path = Path(dirpath, name)
@@ -94,7 +95,9 @@ def tree_state(root: Path) -> dict[str, tuple[int, int, int, str]]:
                 what = os.readlink(path)
             else:
                 what = ""
-            state[str(path)] = (st.st_mode, st.st_nlink, st.st_mtime_ns, what)
+            xattrs = tuple(sorted((k, os.getxattr(path, k, follow_symlinks=False))
+                                  for k in os.listxattr(path, follow_symlinks=False)))
+            state[str(path)] = (st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_mtime_ns, what, xattrs)
     return state
 
 

@@ -21,18 +21,8 @@ from recovery.updated.updater import Updater
 from recovery.updated.cli import main
 
 from .reflashctl_support import (
-    PRODUCT, STORAGE_DISK, Releases, ServerState, System, http_server, make_releases, make_system, refused_url,
+    PRODUCT, STORAGE_DISK, Releases, ServerState, System, http_server, make_system, refused_url,
 )
-
-
-@pytest.fixture(scope="module")
-def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
-    return make_releases(tmp_path_factory.mktemp("releases"))
-
-
-@pytest.fixture
-def system(tmp_path: Path, releases: Releases) -> System:
-    return make_system(tmp_path / "system", releases)
 
 
 class Reboots:

@@ -27,30 +27,10 @@ from recovery.core.keys import Keyring
 from tests.reliability import Scenario, scenario  # noqa: F401  (the fixture, also without the plugin)
 from tests.unit.sample_tree import assemble_bundle, sign_manifest
 
-from .payloads import Entry, block_digests, raw_bundle, tar
+from .payloads import Entry, block_digests, raw_bundle, tar, tree_state
 
 GiB = 1 << 30
 MiB = 1 << 20
-
-
-def state(root: Path) -> dict[str, tuple[object, ...]]:
-    """Every path under `root` (the root too): type and mode, owner, link count, content or link
-    target, and every extended attribute (ACLs are the system.posix_acl_* ones)."""
-    found: dict[str, tuple[object, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames, "."]:
-            path = Path(dirpath, name)
-            st = path.lstat()
-            if stat.S_ISREG(st.st_mode):
-                what = hashlib.sha256(path.read_bytes()).hexdigest()
-            elif stat.S_ISLNK(st.st_mode):
-                what = os.readlink(path)
-            else:
-                what = ""
-            xattrs = tuple(sorted((k, os.getxattr(path, k, follow_symlinks=False))
-                                  for k in os.listxattr(path, follow_symlinks=False)))
-            found[str(path)] = (st.st_mode, st.st_uid, st.st_gid, st.st_nlink, what, xattrs)
-    return found
 
 
 @pytest.fixture()
@@ -104,18 +84,18 @@ def test_hard_link_to_a_symlink_changes_nothing_outside(
                         "directory keeps mode, owner, link count, content and xattrs (ACL); the target is left empty")
     payload = link_to_symlink(arena / "outside" / victim, acl=acl)
     bundle = signed_bundle(arena / "h.bundle", payload, keys, files=3, nbytes=1)
-    before = state(arena / "outside")
+    before = tree_state(arena / "outside")
     keyring = Keyring.load(keys)
     verify_bundle(bundle, keyring)  # a valid signature: only the extractor stands in the way
     code = cli.main(["apply", "--keys", str(keys), str(bundle), "--target", str(arena / "target")])
     assert code == 1
-    assert state(arena / "outside") == before
+    assert tree_state(arena / "outside") == before
     assert list((arena / "target").iterdir()) == []
     # and the library call, which the recovery OS makes
     with pytest.raises(Failed, match=r"^Failed to extract \./h: hard link to \./s, which is not a regular file "
                                      r"extracted earlier from this payload$"):
         extract_payload(verify_bundle(bundle, keyring), arena / "target")
-    assert state(arena / "outside") == before
+    assert tree_state(arena / "outside") == before
     scenario.note(f"{victim} victim{' with an ACL record' if acl else ''}: refused, nothing outside changed")
 
 
@@ -127,11 +107,11 @@ def test_hard_link_that_carries_data_is_refused(arena: Path) -> None:
 
 
 def test_symlink_with_an_acl_is_refused(arena: Path) -> None:
-    before = state(arena / "outside")
+    before = tree_state(arena / "outside")
     payload = tar(Entry(b"s", b"2", link=os.fsencode(arena / "outside/file"), mode=0o777, pax=(ACL_RECORD,)))
     with pytest.raises(Failed, match="^Failed to extract s: a symbolic link that carries an ACL$"):
         extract_payload(raw_bundle(arena / "x.bundle", payload), arena / "target")
-    assert state(arena / "outside") == before
+    assert tree_state(arena / "outside") == before
 
 
 def test_hard_links_to_files_of_the_payload_still_work(arena: Path) -> None:

@@ -38,7 +38,7 @@ from tests.reliability import Scenario, scenario  # noqa: F401  (the fixture, al
 from .test_init_checks import CONFIG, machine, run  # noqa: F401  (the fake disk fixture)
 from .test_reflashctl import assert_staged, reflashctl
 from .reflashctl_support import (
-    PRODUCT, Releases, ServerState, System, http_server, make_releases, make_system, self_signed,
+    PRODUCT, Releases, ServerState, System, http_server, make_system, self_signed,
 )
 
 DOWNGRADE = "Downgrade refused unless allowed (reflashctl install, install --latest, the recovery's own check)"
@@ -47,16 +47,6 @@ CONTROLS = "Control characters in release notes and feed fields (reflash publish
 REDIRECT = "Redirect to another scheme, or from https to http, refused"
 CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 PLENTY = lambda _path: 1 << 40  # noqa: E731
-
-
-@pytest.fixture(scope="module")
-def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
-    return make_releases(tmp_path_factory.mktemp("releases"))
-
-
-@pytest.fixture
-def system(tmp_path: Path, releases: Releases) -> System:
-    return make_system(tmp_path / "system", releases)
 
 
 def one_line(err: str) -> str:
