@@ -13,6 +13,7 @@ import hashlib
 import os
 import stat
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pytest
 
 from recovery.os import cli
 from recovery.core.manifest import BLOCK_SIZE, BlockDigests, Compression, Manifest, PayloadInfo
-from recovery.core.bundle import VerifiedBundle, verify_bundle
+from recovery.core.bundle import verify_bundle
 from recovery.core.errors import Failed, Rejected
 from recovery.os.extract import apply_bundle, extract_payload
 from recovery.core.keys import Keyring
@@ -208,26 +209,43 @@ def test_compressed_payload_rewritten_during_extraction(tmp_path: Path, keys: Pa
     assert not (target / "late").exists()
 
 
-def test_cli_apply_refuses_a_payload_rewritten_between_verify_and_extract(
-    tmp_path: Path, keys: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+# Runs `recovery apply` in a process of its own with an audit hook: when the bundle is opened a second
+# time (the extractor, after the verifier), the hook first rewrites its payload in place. No code of the
+# project is patched: the race is the one an attacker with write access to the storage disk would run.
+REWRITE_ON_SECOND_OPEN = """
+import sys
+bundle, offset, evil = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])
+opened = []
+
+def hook(event, args):
+    if event == "open" and args and str(args[0]) == bundle:
+        opened.append(1)
+        if len(opened) == 2:
+            with open(bundle, "r+b") as f:
+                f.seek(offset)
+                f.write(evil)
+
+sys.addaudithook(hook)
+from recovery.os.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def test_cli_apply_refuses_a_payload_rewritten_between_verify_and_extract(tmp_path: Path, keys: Path) -> None:
     """`recovery apply` verifies and then extracts in one process: the rewrite lands in between."""
     payload, late = late_entry_payload()
     bundle = signed_bundle(tmp_path / "b.bundle", payload, keys, files=3, nbytes=3 * BLOCK_SIZE + 15)
+    offset = verify_bundle(bundle, Keyring.load(keys)).payload_offset + late
     evil = unsigned_entry(payload[late : late + 1024])
-    real = verify_bundle
-
-    def verify_then_rewrite(*args: object, **kwargs: object) -> VerifiedBundle:
-        verified = real(*args, **kwargs)  # type: ignore[arg-type]
-        RewriteAfterFirstBlock(bundle, verified.payload_offset + late, evil).update(0)
-        return verified
-
-    monkeypatch.setattr("recovery.core.bundle.verify_bundle", verify_then_rewrite)
     target = tmp_path / "target"
     target.mkdir()
-    assert cli.main(["apply", "--keys", str(keys), str(bundle), "--target", str(target)]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("failed: payload sha256 mismatch during extraction: block 3 ") and err.count("\n") == 1
+    proc = subprocess.run([sys.executable, "-c", REWRITE_ON_SECOND_OPEN, str(bundle), str(offset), evil.hex(),
+                           "apply", "--keys", str(keys), str(bundle), "--target", str(target)],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert proc.returncode == 1, proc.stderr
+    assert bundle.read_bytes()[offset : offset + len(evil)] == evil  # the rewrite did happen
+    err = proc.stderr
+    assert err.startswith("failed: payload sha256 mismatch during extraction: block 3 ") and err.count("\n") == 1, err
     assert "removed the partial tree" in err
     assert list(target.iterdir()) == []
 
