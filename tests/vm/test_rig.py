@@ -366,9 +366,9 @@ def test_accelerator_choice_leaves_no_qemu_behind(rig: Rig, monkeypatch: pytest.
 # -- the command line and the pytest plugin -----------------------------------------------------------
 
 
-def test_vm_run_shows_the_console_until_the_guest_powers_off(rig: Rig) -> None:
+def test_reflash_run_shows_the_console_until_the_guest_powers_off(rig: Rig) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "vm", "run", "--kernel", rig.kernel, "--initrd", rig.initrd,
+        [sys.executable, "-m", "mkimage", "run", "--kernel", rig.kernel, "--initrd", rig.initrd,
          "--append", f"{APPEND} rig.poweroff", "--memory", "256"],
         stdin=subprocess.DEVNULL, capture_output=True, check=False, env={**os.environ, "VM_ACCEL": "tcg"}, timeout=BOOT,
     )
@@ -376,11 +376,11 @@ def test_vm_run_shows_the_console_until_the_guest_powers_off(rig: Rig) -> None:
     assert b"rig: ready" in proc.stdout
 
 
-def test_vm_cli_errors() -> None:
-    demo = subprocess.run([sys.executable, "-m", "vm", "demo", "--firmware", "coreboot"], capture_output=True,
+def test_reflash_rig_command_errors() -> None:
+    demo = subprocess.run([sys.executable, "-m", "mkimage", "demo", "--firmware", "coreboot"], capture_output=True,
                           text=True, check=False)
     assert demo.returncode == 2 and "'coreboot'" in demo.stderr
-    missing = subprocess.run([sys.executable, "-m", "vm", "run", "/nonexistent.img"], capture_output=True, text=True, check=False)
+    missing = subprocess.run([sys.executable, "-m", "mkimage", "run", "/nonexistent.img"], capture_output=True, text=True, check=False)
     assert (missing.returncode, missing.stderr) == (1, "vm: /nonexistent.img not found\n")
 
 
