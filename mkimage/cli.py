@@ -29,7 +29,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_bundle(args: argparse.Namespace) -> int:
     manifest = create_bundle(
         args.source, args.output, key=args.key, product=args.product, version=args.version,
-        compression=args.compression,
+        compression=args.compression, check_boot=args.check_boot,
     )
     print(f"wrote {args.output}: {manifest.product} {manifest.version}, {manifest.rootfs_files} files")
     return 0
@@ -96,6 +96,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--version", required=True)
     b.add_argument("--compression", choices=["zstd", "xz", "gzip", "none"], default="zstd")
     b.add_argument("-o", "--output", type=Path, required=True)
+    b.add_argument("--no-boot-check", dest="check_boot", action="store_false",
+                   help="bundle a tree that lacks a kernel, initrd, init or a matching os-release (for tests)")
     b.add_argument("source", type=Path, help="a directory or a tar archive of the system tree")
     b.set_defaults(run=cmd_bundle)
 
