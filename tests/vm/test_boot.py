@@ -64,3 +64,18 @@ def test_grub_counts_recovery_tries_then_boots_rescue(
     m.power_cut()
     block = m.read_file("cfg", INSTRUCTION)
     assert block is not None and parse_instruction(block).try_count == 3
+
+
+def test_a_system_that_cannot_boot_falls_back_to_the_rescue_shell(
+    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage
+) -> None:
+    """A failed `linux` once sent GRUB back to its menu and into the same entry after the timeout, for
+    ever. Now GRUB's fallback is the recovery's rescue shell, after one failed try."""
+    assert vm_disk.remove_file("system", "/boot/vmlinuz")
+    m = machine()
+    m.expect(r"Loading the system", BOOT)
+    m.expect(r"Loading the recovery OS \(rescue shell\)", BOOT)
+    m.expect(r"recovery: rescue shell", RECOVERY)
+    m.power_cut()
+    log = m.console_log.read_text(errors="replace")
+    assert log.count("Loading the system") == 1, "GRUB ran the system entry again"
