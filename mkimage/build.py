@@ -20,12 +20,15 @@ from .disk import Placement, assemble, make_ext4
 from .grub import BOOTLOADER, esp_volume_id, install_bios, make_core_images
 from .recoveryos import build_recovery_os
 from .system import build_system_base, prepare_system_tree
+from .toollog import tool_log
 
 log = logging.getLogger(__name__)
 
 # What `reflash recovery` writes for other image builders: source it from their grub.cfg.
 GRUB_SNIPPET = "grub-recovery.cfg"
 RECOVERY_IMAGE = "recovery.ext4"
+# The output of mmdebstrap and friends, beside what they built; its tail is shown when a step fails.
+BUILD_LOG = "build.log"
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,6 @@ class BuildResult:
 
 def build(config: ImageConfig) -> BuildResult:
     """Build DIR/disk.img, a bundle per release, DIR/keys/ and DIR/recovery/ (DIR: config.output)."""
-
     out = config.output
     with step(f"Building {config.product} {config.version} ({config.firmware}) into {out}"), \
             _recovery_first(config) as (work, keys_dir, private, recovery_dir):
@@ -76,9 +78,11 @@ def _recovery_first(config: ImageConfig) -> Iterator[tuple[Path, Path, Path, Pat
     out.mkdir(parents=True, exist_ok=True)
     work = out / ".work"
     _clean(work)
+    (out / BUILD_LOG).unlink(missing_ok=True)
     keys_dir, private = _signing_keys(config, out)
-    recovery_dir = _recovery_partition(config, sorted(keys_dir.glob("*.pub")), out / "recovery", work)
-    yield work, keys_dir, private, recovery_dir
+    with tool_log(out / BUILD_LOG):
+        recovery_dir = _recovery_partition(config, sorted(keys_dir.glob("*.pub")), out / "recovery", work)
+        yield work, keys_dir, private, recovery_dir
     _clean(work)
 
 

@@ -25,15 +25,51 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from recovery.core.manifest import BLOCK_SIZE, MAX_MANIFEST, BlockDigests, FORMAT, MANIFEST_NAME, SIGNATURE_NAME, Compression, Manifest, PayloadInfo, Signature
-from recovery.core.outertar import CHUNK
-from recovery.core.acl import USER, AclEntry, acl_entries, has_acl, number_acl, without_id
+from recovery.core.acl import (
+    USER,
+    AclEntry,
+    acl_entries,
+    has_acl,
+    number_acl,
+    without_id,
+)
 from recovery.core.atomic import atomic_write, fsync_dir
-from recovery.core.libarchive_api import ArchiveError, PaxWriter, TarReader, entry_hardlink, entry_pathname, entry_size, is_regular
 from recovery.core.errors import Rejected
-from recovery.core.keys import keyid, load_private_key, private_key_pem, public_key_pem, raw_public_key
+from recovery.core.keys import (
+    keyid,
+    load_private_key,
+    private_key_pem,
+    public_key_pem,
+    raw_public_key,
+)
+from recovery.core.libarchive_api import (
+    ArchiveError,
+    PaxWriter,
+    TarReader,
+    entry_hardlink,
+    entry_pathname,
+    entry_size,
+    entry_symlink,
+    is_regular,
+    kind_of,
+)
+from recovery.core.manifest import (
+    BLOCK_SIZE,
+    FORMAT,
+    MANIFEST_NAME,
+    MAX_MANIFEST,
+    SIGNATURE_NAME,
+    BlockDigests,
+    Compression,
+    Manifest,
+    PayloadInfo,
+    Signature,
+)
+from recovery.core.outertar import CHUNK
 from recovery.core.output import step
 from recovery.core.run import run
+
+from .bootable import TreeIndex, check_bootable, normal
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +106,13 @@ def generate_keys(directory: Path) -> Path:
 
 
 def create_bundle(
-    source: Path, output: Path, *, key: Path, product: str, version: str, compression: str = "zstd"
+    source: Path, output: Path, *, key: Path, product: str, version: str, compression: str = "zstd",
+    check_boot: bool = True,
 ) -> Manifest:
     """Make the signed bundle `output` from `source` (a directory or a tar); return its manifest.
 
     The payload is staged next to `output` and the bundle appears only complete (temp file + rename).
+    Unless `check_boot` is False, a tree that cannot boot as `version` is refused (mkimage/bootable.py).
     """
     source, output = Path(source), Path(output)
     try:
@@ -98,9 +136,12 @@ def create_bundle(
             else:
                 _payload_from_tar(source, payload, comp)
         with step("Counting and hashing the payload"):
-            files, nbytes = _counted_with_numbered_acls(payload, comp, source)
+            index = TreeIndex() if check_boot else None
+            files, nbytes = _counted_with_numbered_acls(payload, comp, source, index)
             if files == 0:
                 raise Rejected(f"source {source} holds no entries: a bundle of it would install nothing")
+            if index is not None:
+                check_bootable(index, version)
             size, blocks = _block_digests(payload)
         manifest = Manifest(
             format=FORMAT, product=product, version=version, created=created,
@@ -174,9 +215,10 @@ def _check_entry_path(name: str | bytes | None, source: Path) -> None:
         raise Rejected(f"{source}: entry {text[:80]!r}… has a name longer than {NAME_MAX} bytes")
 
 
-def _count(payload: Path) -> tuple[int, int, tuple[str, AclEntry] | None]:
+def _count(payload: Path, index: TreeIndex | None = None) -> tuple[int, int, tuple[str, AclEntry] | None]:
     """Entries of every type, the bytes of regular files that carry data (hardlinks carry none), and
-    the first ACL entry that names a user or group without a number (with its path), if any."""
+    the first ACL entry that names a user or group without a number (with its path), if any; `index`
+    learns every path (for the bootability check)."""
     files = nbytes = 0
     unnumbered: tuple[str, AclEntry] | None = None
     try:
@@ -185,6 +227,13 @@ def _count(payload: Path) -> tuple[int, int, tuple[str, AclEntry] | None]:
                 files += 1
                 if is_regular(entry):
                     nbytes += entry_size(entry)
+                if index is not None:
+                    name = os.fsdecode(entry_pathname(entry) or b"")
+                    kind = kind_of(entry)
+                    link = entry_hardlink(entry) if kind == "hardlink" else entry_symlink(entry)
+                    index.add(name, kind, os.fsdecode(link) if link is not None else None)
+                    if kind == "file" and index.wants_text(name) and entry_size(entry) <= 64 * 1024:
+                        index.texts[normal(name)] = b"".join(bytes(b) for b in reader.data(CHUNK))
                 if unnumbered is None and has_acl(entry) and (bad := without_id(acl_entries(entry))):
                     unnumbered = (os.fsdecode(entry_pathname(entry) or b""), bad[0])
     except ArchiveError as e:
@@ -192,10 +241,12 @@ def _count(payload: Path) -> tuple[int, int, tuple[str, AclEntry] | None]:
     return files, nbytes, unnumbered
 
 
-def _counted_with_numbered_acls(payload: Path, comp: Compression, source: Path) -> tuple[int, int]:
+def _counted_with_numbered_acls(
+    payload: Path, comp: Compression, source: Path, index: TreeIndex | None = None
+) -> tuple[int, int]:
     """The payload's entries and file bytes, once every ACL entry in it carries a number: those GNU tar
     wrote by name are numbered here when the source is a directory; a tar with names only is refused."""
-    files, nbytes, unnumbered = _count(payload)
+    files, nbytes, unnumbered = _count(payload, index)
     if unnumbered is None:
         return files, nbytes
     where, acl = unnumbered

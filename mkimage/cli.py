@@ -18,6 +18,7 @@ from .build import build, build_recovery_only
 from .bundle import create_bundle, generate_keys
 from .config import load_config
 from .publish import notes_for, parse_duration, publish
+from .toollog import tool_log
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -29,14 +30,15 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_bundle(args: argparse.Namespace) -> int:
     manifest = create_bundle(
         args.source, args.output, key=args.key, product=args.product, version=args.version,
-        compression=args.compression,
+        compression=args.compression, check_boot=args.check_boot,
     )
     print(f"wrote {args.output}: {manifest.product} {manifest.version}, {manifest.rootfs_files} files")
     return 0
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    result = build(load_config(args.config, output=args.output))
+    with tool_log(verbose=args.verbose):
+        result = build(load_config(args.config, output=args.output))
     print(f"wrote {result.disk}")
     for version, bundle in result.bundles.items():
         print(f"wrote {bundle} ({version})")
@@ -45,7 +47,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_recovery(args: argparse.Namespace) -> int:
-    recovery = build_recovery_only(load_config(args.config, output=args.output))
+    with tool_log(verbose=args.verbose):
+        recovery = build_recovery_only(load_config(args.config, output=args.output))
     print(f"wrote {recovery}/: vmlinuz, initrd.img, recovery.ext4 (the partition), grub-recovery.cfg")
     return 0
 
@@ -96,6 +99,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--version", required=True)
     b.add_argument("--compression", choices=["zstd", "xz", "gzip", "none"], default="zstd")
     b.add_argument("-o", "--output", type=Path, required=True)
+    b.add_argument("--no-boot-check", dest="check_boot", action="store_false",
+                   help="bundle a tree that lacks a kernel, initrd, init or a matching os-release (for tests)")
     b.add_argument("source", type=Path, help="a directory or a tar archive of the system tree")
     b.set_defaults(run=cmd_bundle)
 
@@ -118,6 +123,8 @@ def parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=text)
         c.add_argument("-c", "--config", type=Path, help="image.toml (default: the embedded demo config)")
         c.add_argument("-o", "--output", type=Path, help="output directory (default: out/)")
+        c.add_argument("--verbose", action="store_true",
+                       help="show mmdebstrap's and apt's output as it comes (else: in DIR/build.log)")
         c.set_defaults(run=fn)
 
     v = sub.add_parser("verify", help="verify a bundle in full against a key directory; writes nothing")

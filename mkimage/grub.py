@@ -49,7 +49,11 @@ def grub_volume_uuid(volume_id: str) -> str:
 
 
 def early_config(volume_id: str) -> str:
-    return (BOOTLOADER / "early.cfg").read_text().replace("@ESP_UUID@", grub_volume_uuid(volume_id))
+    """bootloader/early.cfg for the core images, without its comments: the core image runs it before
+    normal mode, which alone understands `#`; every comment line would print "Unknown command `#'" on
+    each boot and send an operator reading the console after errors that are none."""
+    text = (BOOTLOADER / "early.cfg").read_text().replace("@ESP_UUID@", grub_volume_uuid(volume_id))
+    return "".join(line for line in text.splitlines(keepends=True) if line.strip() and not line.lstrip().startswith("#"))
 
 
 def make_core_images(firmware: Firmware, volume_id: str, work: Path) -> CoreImages:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from recovery.core.errors import Failed
 from recovery.core.output import step
-from recovery.core.run import run
+
+from .toollog import run_logged
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,8 @@ def build_rootfs(spec: RootfsSpec, cache: Path) -> Path:
             "--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*.bin",
             spec.suite, str(partial), *spec.sources,
         ]
-        # mmdebstrap prints its own progress; a failure's reason is in that output.
-        run(argv, capture=False, error=Failed)
+        # hundreds of lines of apt and dpkg: into the build log, shown only when it fails
+        run_logged(argv, what="mmdebstrap")
         if seed.exists():
             shutil.rmtree(seed)
         if target.exists():

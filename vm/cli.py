@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mkimage.build import BuildResult, build
 from mkimage.config import load_config
+from mkimage.toollog import tool_log
 from recovery.core.cli import UsageError
 
 from . import VMError
@@ -96,7 +97,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         narrator.mark("build", f"using the images in {out}")
     else:
         narrator.note(f"building the images into {out} (cached Debian roots make this quick after the first time)")
-        built = build(config)
+        with tool_log(verbose=args.verbose):
+            built = build(config)
         narrator.mark("build", f"images ready in {out}")
     run_demo(built, out / "demo", args.firmware, narrator=narrator)
     return 0
@@ -120,4 +122,5 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     d.add_argument("--firmware", type=Firmware, choices=list(Firmware), default=Firmware.bios)
     d.add_argument("-o", "--output", type=Path, help="where the images are (built); default: out/")
     d.add_argument("--no-build", action="store_true", help="use the images already in the output directory")
+    d.add_argument("--verbose", action="store_true", help="show the build's tool output (else: in DIR/build.log)")
     d.set_defaults(run=cmd_demo)

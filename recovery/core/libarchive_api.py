@@ -35,7 +35,7 @@ class ArchiveError(Exception):
 READ_BLOCK = 10240
 
 
-AE_IFMT, AE_IFREG = 0o170000, 0o100000
+AE_IFMT, AE_IFREG, AE_IFDIR, AE_IFLNK = 0o170000, 0o100000, 0o040000, 0o120000
 
 
 entry_pathname = fn("entry_pathname", ctypes.c_char_p, ctypes.c_void_p)
@@ -48,6 +48,7 @@ entry_filetype = fn("entry_filetype", ctypes.c_int, ctypes.c_void_p)
 
 
 entry_size = fn("entry_size", ctypes.c_longlong, ctypes.c_void_p)
+entry_symlink = fn("entry_symlink", ctypes.c_char_p, ctypes.c_void_p)
 
 
 _error_string = fn("error_string", ctypes.c_char_p, ctypes.c_void_p)
@@ -110,6 +111,13 @@ def _check(archive: int, result: int) -> int:
         raw = _error_string(archive)
         raise ArchiveError(raw.decode(errors="replace") if raw else f"libarchive error {result}")
     return result
+
+
+def kind_of(entry: int) -> str:
+    """`file`, `hardlink`, `dir`, `symlink` or `other`."""
+    if entry_hardlink(entry) is not None:
+        return "hardlink"
+    return {AE_IFREG: "file", AE_IFDIR: "dir", AE_IFLNK: "symlink"}.get(entry_filetype(entry) & AE_IFMT, "other")
 
 
 def is_regular(entry: int) -> bool:

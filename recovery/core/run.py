@@ -18,6 +18,11 @@ log = logging.getLogger(__name__)
 StrPath = str | os.PathLike[str]
 
 
+def program_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment every program runs in: ours, a UTF-8 C locale (messages we can parse), then `env`."""
+    return {**os.environ, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", **(env or {})}
+
+
 def run(
     argv: Sequence[StrPath],
     *,
@@ -35,7 +40,7 @@ def run(
     """
     args = [os.fspath(a) for a in argv]
     log.debug("+ %s", shlex.join(args))
-    full_env = {**os.environ, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", **(env or {})}
+    full_env = program_env(env)
     text = isinstance(input, str)
     try:
         proc = subprocess.run(

@@ -48,6 +48,9 @@ def test_rendered_early_config(tmp_path):
     text = early_config(volume_id)
     assert f"--fs-uuid --set=root {grub_volume_uuid(volume_id)}" in text
     assert "@" not in text
+    # the core image runs this before normal mode, which alone knows comments: none may reach it
+    assert "#" in (BOOTLOADER / "early.cfg").read_text() and "#" not in text
+    assert text.splitlines() == [line for line in text.splitlines() if line.strip()]
     path = tmp_path / "early.cfg"
     path.write_text(text)
     assert script_check(path).returncode == 0

@@ -1,0 +1,92 @@
+"""Refuse at build time a tree that cannot boot: a bundle of it would install, erase the working system
+and leave one that never comes up. Checked on the payload itself, so a directory and a tar from
+another builder are judged by exactly what the recovery will write.
+
+What the boot menu and the kernel need (bootloader/grub.cfg, DESIGN.md "Bootable trees"): a kernel and
+an initrd where GRUB loads them, an init where the kernel looks for one, and an os-release whose
+VERSION_ID is the version the bundle is signed as.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from recovery.core.errors import Rejected
+from recovery.core.osrelease import OsRelease
+
+KERNEL, INITRD = "boot/vmlinuz", "boot/initrd.img"  # what bootloader/grub.cfg loads
+INITS = ("sbin/init", "etc/init", "bin/init")  # where the kernel looks for init, in its order
+OS_RELEASE = ("etc/os-release", "usr/lib/os-release")  # os-release(5)
+MAX_LINKS = 40
+
+
+def normal(name: str) -> str:
+    """A tar entry's name as a path below the root: `./usr//bin/` is `usr/bin`."""
+    return "/".join(p for p in name.split("/") if p not in ("", "."))
+
+
+@dataclass
+class TreeIndex:
+    """What the payload holds, by path: the entry's kind and its link target; the os-release files' text."""
+
+    kinds: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    texts: dict[str, bytes] = field(default_factory=dict)
+
+    def add(self, name: str, kind: str, target: str | None = None) -> None:
+        self.kinds[normal(name)] = (kind, target)
+
+    def wants_text(self, name: str) -> bool:
+        return normal(name) in OS_RELEASE
+
+    def resolve(self, path: str) -> str | None:
+        """`path` with every symlink on the way followed inside the tree (an absolute target starts
+        again at the tree's root, as it will on the installed system); None if it leads nowhere."""
+        todo, done, hops = normal(path).split("/"), [], 0
+        while todo:
+            part = todo.pop(0)
+            if part == "..":
+                if done:
+                    done.pop()
+                continue
+            here = "/".join([*done, part])
+            kind, target = self.kinds.get(here, (None, None))
+            if kind is None:
+                return None
+            if kind == "symlink":
+                hops += 1
+                if hops > MAX_LINKS or not target:
+                    return None
+                todo = [p for p in target.split("/") if p not in ("", ".")] + todo
+                if target.startswith("/"):
+                    done = []
+                continue
+            done.append(part)
+        return "/".join(done)
+
+    def is_file(self, path: str) -> bool:
+        found = self.resolve(path)
+        return found is not None and self.kinds[found][0] in ("file", "hardlink")
+
+    def os_release(self) -> OsRelease | None:
+        for place in OS_RELEASE:
+            found = self.resolve(place)
+            if found is not None and found in self.texts:
+                return OsRelease.parse(self.texts[found].decode(errors="replace"))
+        return None
+
+
+def check_bootable(index: TreeIndex, version: str) -> None:
+    """Rejected, in one line naming every miss, unless the tree can boot as release `version`."""
+    missing = []
+    for path, what in ((KERNEL, "kernel"), (INITRD, "initrd")):
+        if not index.is_file(path):
+            missing.append(f"no {what} at /{path}, which the boot menu loads")
+    if not any(index.is_file(path) for path in INITS):
+        missing.append(f"no init at {', '.join('/' + p for p in INITS)}, where the kernel looks")
+    release = index.os_release()
+    if release is None:
+        missing.append(f"no os-release at {' or '.join('/' + p for p in OS_RELEASE)}")
+    elif release.version_id != version:
+        missing.append(f"os-release says VERSION_ID={release.version_id or '(none)'}, the bundle is {version}")
+    if missing:
+        raise Rejected(f"not bootable: {'; '.join(missing)} (--no-boot-check bundles it anyway)")
