@@ -98,3 +98,13 @@ def test_grub_counts_tries_in_a_block_grub_editenv_reads(tmp_path):
         assert len(data) == 1024 and data.startswith(b"# GRUB Environment Block\n")
         listed = subprocess.run(["grub-editenv", str(block), "list"], capture_output=True, text=True, check=True)
         assert listed.stdout.splitlines() == ["recovery_action=install", "recovery_version=2.0.0", f"recovery_try={n}"]
+
+
+def test_the_fallback_is_the_rescue_entry():
+    """GRUB 2.06 reads `fallback` as an entry number: it must point at the rescue entry, counted in the
+    order the menu defines entries (grub.cfg's, then those of the recovery.cfg it sources at its end)."""
+    menu = (BOOTLOADER / "grub.cfg").read_text()
+    assert menu.rstrip().endswith('source "$prefix/recovery.cfg"')
+    ids = re.findall(r"^menuentry .* --id (\S+) \{", menu + (BOOTLOADER / "recovery.cfg").read_text(), re.MULTILINE)
+    fallback = re.findall(r"^set fallback=(\d+)$", menu, re.MULTILINE)
+    assert fallback and ids[int(fallback[-1])] == "rescue", (ids, fallback)
