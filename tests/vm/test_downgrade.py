@@ -28,12 +28,6 @@ def older_bundle(built_image: Any) -> bytes:
     return relabelled(built_image.bundles["1.0.0"].read_bytes(), built_image.keys / "signing.pem", "0.9.0")
 
 
-@pytest.fixture(scope="module")
-def system_digest(built_image: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
-    base = DiskImage.open(built_image.disk).overlay(tmp_path_factory.mktemp("digest") / "d.qcow2")
-    return partition_digest(base, "system")
-
-
 def test_a_downgrade_the_instruction_does_not_allow_is_rejected_and_the_old_system_boots(
     machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, older_bundle: bytes,
     system_digest: str, scenario: Scenario,

@@ -94,13 +94,6 @@ def foreign_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory / "signing.pem"
 
 
-@pytest.fixture(scope="module")
-def system_digest(built_image: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The pristine system partition's hash, from a throw-away overlay of the built image."""
-    base = DiskImage.open(built_image.disk).overlay(tmp_path_factory.mktemp("digest") / "d.qcow2")
-    return partition_digest(base, "system")
-
-
 BAD_BUNDLES = ["payload-byte-flipped", "manifest-changed", "untrusted-key", "truncated", "wrong-product", "too-large"]
 
 
