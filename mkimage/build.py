@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from recovery.core.envblock import format_envblock
 from recovery.core.errors import Rejected
 from recovery.core.keys import load_private_key, public_key_pem
 from recovery.core.output import step
+from recovery.core.trial import BundleRef, write_fallback
 
 from .bundle import create_bundle, generate_keys
 from .config import ImageConfig, MiB
@@ -29,6 +31,8 @@ GRUB_SNIPPET = "grub-recovery.cfg"
 RECOVERY_IMAGE = "recovery.ext4"
 # The output of mmdebstrap and friends, beside what they built; its tail is shown when a step fails.
 BUILD_LOG = "build.log"
+# Where reflashctl keeps bundles on the storage partition (its default `bundles`), the factory's too.
+STORAGE_BUNDLES = "bundles"
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,8 @@ def build(config: ImageConfig) -> BuildResult:
                 bundles[version] = bundle
             if version != config.version:
                 shutil.rmtree(tree)
-        disk = _disk_image(config, out, work, recovery_dir, work / f"system-{config.version}")
+        disk = _disk_image(config, out, work, recovery_dir, work / f"system-{config.version}",
+                           bundles.get(config.version))
     log.info("built %s, %s, keys in %s", disk, ", ".join(str(b) for b in bundles.values()), keys_dir)
     return BuildResult(config=config, disk=disk, bundles=bundles, keys=keys_dir, recovery=recovery_dir)
 
@@ -136,7 +141,8 @@ def _signing_keys(config: ImageConfig, out: Path) -> tuple[Path, Path]:
     return keys, private
 
 
-def _disk_image(config: ImageConfig, out: Path, work: Path, recovery_dir: Path, system_tree: Path) -> Path:
+def _disk_image(config: ImageConfig, out: Path, work: Path, recovery_dir: Path, system_tree: Path,
+                factory: Path | None) -> Path:
     volume_id = esp_volume_id(config.product)
     cores = make_core_images(config.firmware, volume_id, work / "grub")
     esp_files = {"grub/grub.cfg": BOOTLOADER / "grub.cfg", "grub/recovery.cfg": BOOTLOADER / "recovery.cfg"}
@@ -146,11 +152,12 @@ def _disk_image(config: ImageConfig, out: Path, work: Path, recovery_dir: Path, 
     (cfg_dir / "recovery").mkdir(parents=True)
     # GRUB counts the recovery's tries here when an instruction is garbage it cannot write to.
     (cfg_dir / "recovery/grubenv").write_bytes(format_envblock({}))
+    storage_dir = _factory_fallback(config, work, cfg_dir, factory)
     recovery_contents = work / "recovery-partition"
     partial = out / "disk.img.partial"
     placements = assemble(
         partial, config, esp_files=esp_files, esp_volume_id=volume_id, recovery_dir=recovery_contents,
-        system_dir=system_tree, cfg_dir=cfg_dir,
+        system_dir=system_tree, cfg_dir=cfg_dir, storage_dir=storage_dir,
     )
     if cores.bios is not None:
         with step("Installing GRUB for BIOS (boot.img in the MBR, core.img in the bios partition)"):
@@ -160,6 +167,29 @@ def _disk_image(config: ImageConfig, out: Path, work: Path, recovery_dir: Path, 
     partial.rename(disk)
     log.info("%s: %d MiB (sparse)", disk, config.disk_size // MiB)
     return disk
+
+
+def _factory_fallback(config: ImageConfig, work: Path, cfg_dir: Path, factory: Path | None) -> Path | None:
+    """The factory release's bundle on storage, recorded as the fallback: even the first update can roll
+    back. Without a bundle of `version` (not in `releases`) the first update cannot, and we say so."""
+    if factory is None:
+        log.warning("no bundle of the factory release %s (add it to releases): a first update that fails its "
+                    "trial cannot be rolled back", config.version)
+        return None
+    storage_dir = work / "storage"
+    (storage_dir / STORAGE_BUNDLES).mkdir(parents=True)
+    shutil.copy2(factory, storage_dir / STORAGE_BUNDLES / factory.name)
+    ref = BundleRef(config.version, "PARTLABEL=storage", f"/{STORAGE_BUNDLES}/{factory.name}", _sha256(factory))
+    write_fallback(cfg_dir, ref)
+    return storage_dir
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _clean(path: Path) -> None:

@@ -61,6 +61,15 @@ class Partitions:
 
 
 @dataclass(frozen=True)
+class Trial:
+    """`[trial]`: how a newly installed release proves itself (DESIGN.md, "Trial boots and rollback")."""
+
+    boots: int = 3  # boots GRUB gives it to confirm, 1 to 9; then the recovery rolls back
+    time_limit: int = 300  # seconds a trial boot may take to confirm before it reboots
+    health_timeout: int = 60  # seconds each health check in /etc/recovery/health.d may take
+
+
+@dataclass(frozen=True)
 class ImageConfig:
     """Everything one `reflash build` needs to know, resolved and checked."""
 
@@ -78,6 +87,7 @@ class ImageConfig:
     cache: Path
     releases: tuple[str, ...]
     device_timeout: int = 30
+    trial: Trial = Trial()
 
     @property
     def disk_size(self) -> int:
@@ -95,9 +105,10 @@ class ImageConfig:
 
 _KEYS = {
     "product", "version", "releases", "suite", "mirror", "security_mirror", "firmware", "key_dir",
-    "output", "cache", "device_timeout", "partitions", "packages", "disk_size",
+    "output", "cache", "device_timeout", "partitions", "packages", "disk_size", "trial",
 }
 _PACKAGE_KEYS = {"system", "recovery"}
+_TRIAL_KEYS = {"boots", "time_limit", "health_timeout"}
 
 
 def default_toml() -> dict[str, Any]:
@@ -140,10 +151,10 @@ def _overlay(defaults: dict[str, Any], user: dict[str, Any], where: str) -> dict
         raise Rejected(f"config {where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_KEYS))})")
     merged = dict(defaults)
     for key, value in user.items():
-        if key in ("partitions", "packages"):
+        if key in ("partitions", "packages", "trial"):
             if not isinstance(value, dict):
                 raise Rejected(f"config {where}: [{key}] must be a table")
-            known = set(PARTITION_NAMES) if key == "partitions" else _PACKAGE_KEYS
+            known = {"partitions": set(PARTITION_NAMES), "packages": _PACKAGE_KEYS, "trial": _TRIAL_KEYS}[key]
             bad = sorted(set(value) - known)
             if bad:
                 raise Rejected(f"config {where}: unknown key {key}.{bad[0]} (known: {', '.join(sorted(known))})")
@@ -189,7 +200,23 @@ def _parse(data: dict[str, Any], base: Path, output: Path | None) -> ImageConfig
         cache=_cache(data, base),
         releases=releases_t,
         device_timeout=timeout,
+        trial=_trial(data.get("trial", {})),
     )
+
+
+def _trial(table: Any) -> Trial:
+    if not isinstance(table, dict):
+        raise ValueError("[trial] must be a table")
+    limits = {"boots": (1, 9), "time_limit": (30, 86400), "health_timeout": (1, 3600)}
+    values = {}
+    for key, (low, high) in limits.items():
+        value = table.get(key, getattr(Trial, key))
+        if type(value) is not int or not low <= value <= high:
+            raise ValueError(f"trial.{key} {value!r}: a whole number, {low} to {high}")
+        values[key] = value
+    if values["health_timeout"] >= values["time_limit"]:
+        raise ValueError("trial.health_timeout must be shorter than trial.time_limit")
+    return Trial(**values)
 
 
 def _string(data: dict[str, Any], key: str) -> str:

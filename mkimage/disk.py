@@ -139,14 +139,15 @@ def assemble(
     recovery_dir: Path,
     system_dir: Path,
     cfg_dir: Path,
+    storage_dir: Path | None = None,
 ) -> list[Placement]:
-    """Write the whole disk image: GPT, ESP, cfg, recovery, system and an empty storage."""
+    """Write the whole disk image: GPT, ESP, cfg, recovery, system and storage (empty without `storage_dir`)."""
     with step(f"Writing {image} ({config.disk_size // MiB} MiB, GPT with pyparted)"):
         placements = write_partition_table(image, config)
     by_name = {p.name: p for p in placements}
     with step("Making the ESP (FAT32, GRUB and its configuration)"):
         make_esp(image, by_name["esp"], volume_id=esp_volume_id, files=esp_files)
-    for name, root in (("cfg", cfg_dir), ("recovery", recovery_dir), ("system", system_dir), ("storage", None)):
+    for name, root in (("cfg", cfg_dir), ("recovery", recovery_dir), ("system", system_dir), ("storage", storage_dir)):
         with step(f"Making the {name} file system (ext4)"):
             if root is not None:
                 check_fits(root, by_name[name])

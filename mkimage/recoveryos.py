@@ -91,6 +91,7 @@ def recovery_toml(config: ImageConfig) -> str:
         f'product = "{config.product}"\n'
         'keys = "/etc/recovery/keys"\n'
         f"device_timeout = {config.device_timeout}\n"
+        f"trial_boots = {config.trial.boots}\n"
         "\n[partitions]\n"
         'cfg = "PARTLABEL=cfg"\n'
         'system = "PARTLABEL=system"\n'

@@ -14,6 +14,8 @@ from .modules import SYSTEM_MODULES, trim_modules
 from .project import install_project
 from .rootfs import RootfsSpec, build_rootfs, kernel_version
 
+UNITS = Path(__file__).resolve().parent.parent / "recovery/updated/units"
+
 # Only what a virtual or plain PC disk needs at boot: initramfs-tools' "most" would make the
 # initrd several times bigger and GRUB slower to load it.
 INITRAMFS_CONF = "MODULES=list\nCOMPRESS=zstd\nCOMPRESSLEVEL=3\n"
@@ -111,10 +113,9 @@ def prepare_system_tree(base: Path, config: ImageConfig, version: str, dest: Pat
             link = dest / "etc/systemd/system" / unit
             link.unlink(missing_ok=True)
             link.symlink_to("/dev/null")
-        wants = dest / "etc/systemd/system/multi-user.target.wants/systemd-networkd.service"
-        wants.parent.mkdir(parents=True, exist_ok=True)
-        wants.unlink(missing_ok=True)
-        wants.symlink_to("/lib/systemd/system/systemd-networkd.service")
+        _enable(dest, "multi-user.target", "/lib/systemd/system/systemd-networkd.service")
+        _install_units(dest)
+        (dest / "etc/recovery/health.d").mkdir(parents=True, exist_ok=True)
         _write(dest / "etc/machine-id", "")
         _write(dest / "etc/recovery/system.toml", _system_toml(config))
         for key in keys:
@@ -122,6 +123,23 @@ def prepare_system_tree(base: Path, config: ImageConfig, version: str, dest: Pat
             shutil.copy2(key, dest / "etc/recovery/keys" / key.name)
         install_project(dest, "updated")
     return dest
+
+
+def _enable(root: Path, target: str, unit: str) -> None:
+    wants = root / "etc/systemd/system" / f"{target}.wants" / Path(unit).name
+    wants.parent.mkdir(parents=True, exist_ok=True)
+    wants.unlink(missing_ok=True)
+    wants.symlink_to(unit)
+
+
+def _install_units(root: Path) -> None:
+    """The trial's units (recovery/updated/units), enabled where their [Install] section says."""
+    for unit in sorted(UNITS.glob("*.service")):
+        text = unit.read_text()
+        _write(root / "etc/systemd/system" / unit.name, text)
+        for line in text.splitlines():
+            if line.startswith("WantedBy="):
+                _enable(root, line.split("=", 1)[1].strip(), f"/etc/systemd/system/{unit.name}")
 
 
 def _boot_links(root: Path, kver: str) -> None:
@@ -159,14 +177,19 @@ def _system_toml(config: ImageConfig) -> str:
         'cfg = "/cfg"\n'
         'storage = "/storage"\n'
         'storage_disk = "PARTLABEL=storage"\n'
+        'health_dir = "/etc/recovery/health.d"\n'
+        f"trial_time_limit = {config.trial.time_limit}\n"
+        f"health_timeout = {config.trial.health_timeout}\n"
     )
 
 
 def _ready_script(config: ImageConfig, version: str) -> str:
     # Printed by the serial login shell itself: when the line appears, the shell already reads input.
+    # It waits for the boot to finish, so the trial's confirmation (and its console line) comes first.
     return (
         "# Tells the serial console (and the test rig) that the system is up and its shell is ready.\n"
         'if [ "$(tty)" = /dev/ttyS0 ]; then\n'
+        "    systemctl is-system-running --wait >/dev/null 2>&1\n"
         f'    echo "system {config.product} {version} ready"\n'
         "fi\n"
     )

@@ -134,6 +134,9 @@ class Machine:
             "-chardev", f"socket,id=qmp,path={qmp_socket}", "-mon", "chardev=qmp,mode=control",
             "-chardev", f"socket,id=console,path={console_socket}", "-serial", "chardev:console",
             *self.firmware.qemu_args(self.efi_vars),
+            # A hardware watchdog, as appliances have: systemd arms it on trial boots, and a guest that
+            # stops feeding it is reset (QEMU's default action would be the same; said, not assumed).
+            "-device", "i6300esb", "-action", "watchdog=reset",
         ]
         if isinstance(self.network, UserNetwork):
             args += self.network.qemu_args()

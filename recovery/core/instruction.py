@@ -147,6 +147,9 @@ class Action(StrEnum):
     """What the recovery is told to do."""
 
     install = "install"
+    # Reinstall the fallback bundle after a release failed its trial: an install in every check and
+    # every guarantee; only the verdict is reported as `rolled-back` (DESIGN.md, "Trial boots and rollback").
+    rollback = "rollback"
 
 
 def _check_file(text: str) -> PurePosixPath:
@@ -227,15 +230,15 @@ class Instruction:
     @classmethod
     def create(
         cls, disk: str, file: str, sha256: str, version: str, created: str | None = None, *,
-        allow_downgrade: bool = False,
+        allow_downgrade: bool = False, action: Action = Action.install,
     ) -> Instruction:
-        """A new `install` instruction, validated; `created` defaults to now (UTC, seconds)."""
+        """A new instruction (`install` unless told), validated; `created` defaults to now (UTC, seconds)."""
         try:
             spec = DiskSpec.parse(disk)
             path = _check_file(file)
         except Rejected as e:
             raise e.context("instruction") from None
-        instruction = cls(Action.install, spec, path, sha256, version, _now() if created is None else created, None,
+        instruction = cls(Action(action), spec, path, sha256, version, _now() if created is None else created, None,
                           allow_downgrade=allow_downgrade)
         instruction.to_block()  # fail now, not when writing, if it does not fit
         return instruction

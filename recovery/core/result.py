@@ -26,6 +26,7 @@ class Outcome(StrEnum):
     installed = "installed"
     rejected = "rejected"  # nothing was written: the old system is intact
     failed = "failed"  # writing began: the update will be tried again
+    rolled_back = "rolled-back"  # a release failed its trial; the fallback bundle was installed again
 
 
 def now() -> str:
@@ -117,6 +118,8 @@ class Result:
         if self.outcome == Outcome.installed:
             total = sum(self.seconds.values())
             line = f"installed {self.from_version or '?'} -> {self.to_version} in {total:.0f} s{when}"
+        elif self.outcome == Outcome.rolled_back:
+            line = f"rolled back from {self.from_version or '?'} to {self.to_version}{when}: {self.reason}"
         else:
             line = f"{self.outcome} {self.to_version or '?'}: {self.reason}{when} (try {self.try_})"
         if self.previous:

@@ -1,7 +1,7 @@
 """What GRUB told the recovery on the kernel command line, read strictly: anything it did not say is refused.
 
-GRUB passes `recovery.try=1|2|3` (install) or `recovery.mode=rescue`, optionally with the try
-(bootloader/recovery.cfg). A command line with other `recovery.*` words, or one of ours twice with
+GRUB passes `recovery.try=1|2|3` (install), `recovery.mode=rescue`, optionally with the try, or
+`recovery.mode=rollback` with the try (bootloader/recovery.cfg). A command line with other `recovery.*` words, or one of ours twice with
 different values, was not made by our GRUB scripts; PID 1 answers it with the rescue shell, never
 an install.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from recovery.core.errors import UpdateError
 
 # Every value GRUB writes, by name; `recovery.` is ours, other names are the kernel's business.
-KNOWN: dict[str, tuple[str, ...]] = {"recovery.try": ("1", "2", "3"), "recovery.mode": ("rescue",)}
+KNOWN: dict[str, tuple[str, ...]] = {"recovery.try": ("1", "2", "3"), "recovery.mode": ("rescue", "rollback")}
 
 
 PREFIX = "recovery."
@@ -83,6 +83,7 @@ class Boot:
 
     try_count: int = 1
     rescue: bool = False
+    rollback: bool = False  # the release on trial did not confirm: reinstall the fallback bundle
 
     @classmethod
     def parse(cls, cmdline: str) -> Boot:
@@ -107,4 +108,5 @@ class Boot:
             if value not in known:
                 raise CommandLineRefused(f"{name} is {_show(value)}, not {_choices(known)}")
             seen[name] = value
-        return cls(try_count=int(seen.get("recovery.try") or 1), rescue=seen.get("recovery.mode") == "rescue")
+        mode = seen.get("recovery.mode")
+        return cls(try_count=int(seen.get("recovery.try") or 1), rescue=mode == "rescue", rollback=mode == "rollback")

@@ -9,6 +9,7 @@ from pathlib import Path
 from recovery.core.errors import Rejected
 from recovery.core.instruction import DiskSpec
 from recovery.core.toml import read_toml
+from recovery.core.trial import MAX_BOOTS
 
 DEFAULT_PATH = Path("/etc/recovery/recovery.toml")
 
@@ -27,6 +28,7 @@ class RecoveryConfig:
     recovery: DiskSpec
     storage: DiskSpec
     device_timeout: float = 30.0
+    trial_boots: int = 3  # boots a new release gets to confirm itself before the rollback
 
     @classmethod
     def load(cls, path: Path = DEFAULT_PATH) -> RecoveryConfig:
@@ -46,6 +48,9 @@ class RecoveryConfig:
         timeout = data.get("device_timeout", 30)
         if not isinstance(timeout, int | float) or timeout < 0:
             raise Rejected(f"{source}: device_timeout must be a number of seconds")
+        boots = data.get("trial_boots", 3)
+        if type(boots) is not int or not 1 <= boots <= MAX_BOOTS:
+            raise Rejected(f"{source}: trial_boots must be 1 to {MAX_BOOTS}")
         specs = {}
         for role in ROLES:
             try:
@@ -53,13 +58,14 @@ class RecoveryConfig:
             except Rejected as e:
                 raise Rejected(f"{source}: partitions.{role}: {e}") from None
         return cls(product=product, keys=Path(data.get("keys", "/etc/recovery/keys")), device_timeout=float(timeout),
-                   **specs)
+                   trial_boots=boots, **specs)
 
     def to_toml(self) -> str:
         lines = [
             f"product = {json.dumps(self.product)}",
             f"keys = {json.dumps(str(self.keys))}",
             f"device_timeout = {self.device_timeout:g}",
+            f"trial_boots = {self.trial_boots}",
             "",
             "[partitions]",
             *(f"{r} = {json.dumps(str(getattr(self, r)))}" for r in ROLES),

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from uuid import uuid4
 
@@ -20,11 +20,12 @@ from recovery.core.atomic import atomic_write, checkpoint_journal, durable_unlin
 from recovery.core.bundle import VerifiedBundle, verify_bundle
 from recovery.core.envblock import format_envblock
 from recovery.core.errors import Failed, Rejected, UpdateError
-from recovery.core.instruction import DiskSpecKind, Instruction, read_instruction
+from recovery.core.instruction import Action, DiskSpecKind, Instruction, read_instruction
 from recovery.core.keys import Keyring
 from recovery.core.osrelease import read_os_release
 from recovery.core.output import Progress
 from recovery.core.result import Outcome, Result, now, write_result
+from recovery.core.trial import NOTES, BundleRef, Installed, read_failed, start_trial
 from recovery.core.version import Version
 from recovery.os import devices, mounts
 from recovery.os import erase as erasing
@@ -154,6 +155,12 @@ class Installer:
         self.started = now()
         self.from_version: str | None = None
         self.to_version: str | None = None
+        self.instruction: Instruction | None = None
+
+    @property
+    def rollback(self) -> bool:
+        """Whether this run restores the fallback after a failed trial (an instruction with action rollback)."""
+        return self.instruction is not None and self.instruction.action == Action.rollback
 
     def result(self, outcome: Outcome, reason: str | None = None, *, files: int = 0, nbytes: int = 0) -> Result:
         return Result(
@@ -193,7 +200,7 @@ class Installer:
         """Instruction -> disks -> bundle, every check made; nothing is written."""
         p, config = self.parts, self.config
         instruction = read_instruction(self.cfg / INSTRUCTION)
-        self.to_version = instruction.version
+        self.instruction, self.to_version = instruction, instruction.version
         timeout = config.device_timeout
         system = p.find_device(config.system, timeout=timeout)
         storage = p.find_device(instruction.disk, timeout=timeout)
@@ -266,18 +273,38 @@ class Installer:
         finally:
             self.parts.umount(SYSTEM_MOUNT)
 
-    def record(self, result: Result) -> None:
-        """Write the verdict; the instruction goes only when nothing more will be tried."""
+    def record(self, result: Result) -> Result:
+        """Write the verdict and return it; the instruction goes only when nothing more will be tried.
+
+        A completed install puts the new release on trial (GRUB counts its boots from now on) before
+        the instruction goes, so there is no moment in which it boots unwatched."""
+        result = self._as_rollback(result)
         with _stage(self.console, "finishing", self.seconds):
             write_result(self.cfg, result)
             # Marks the moment between the verdict on disk and the instruction's removal (power-cut tests).
             self.console.say(f"recovery: result written: {result.outcome}")
+            if result.outcome in (Outcome.installed, Outcome.rolled_back) and self.instruction is not None:
+                Installed(BundleRef.of(self.instruction), from_version=self.from_version, at=result.finished,
+                          restored=self.rollback).write(self.cfg)
+                durable_unlink(self.cfg / NOTES)  # notes of an earlier trial of the same version are stale
+                start_trial(self.cfg, self.config.trial_boots)
             if result.outcome != Outcome.failed:
                 durable_unlink(self.cfg / INCOMPLETE)
                 durable_unlink(self.cfg / INSTRUCTION)
                 reset_fallback_counter(self.cfg)
             # GRUB reads cfg past its journal: without this a cut now would let it boot us once more.
             checkpoint_journal(self.cfg)
+        return result
+
+    def _as_rollback(self, result: Result) -> Result:
+        """A rollback's verdict in its own words: rolled back, and why the release before it failed."""
+        if not self.rollback:
+            return result
+        if result.outcome == Outcome.installed:
+            failed = read_failed(self.cfg).get(self.from_version or "")
+            reason = failed.reason if failed else f"{self.from_version or 'the release on trial'} failed its trial"
+            return replace(result, outcome=Outcome.rolled_back, reason=reason)
+        return replace(result, reason=f"cannot roll back to {self.to_version}: {result.reason}")
 
 
 def reset_fallback_counter(cfg: Path) -> None:

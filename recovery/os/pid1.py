@@ -12,26 +12,31 @@ import os
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from recovery.core.atomic import checkpoint_journal
 from recovery.core.errors import Failed, UpdateError
-from recovery.core.instruction import clear_try
-from recovery.core.result import Outcome, Result, append_log, log_tail, read_result
+from recovery.core.instruction import clear_try, write_instruction
+from recovery.core.osrelease import read_os_release
+from recovery.core.result import Outcome, Result, append_log, log_tail, now, read_result, write_result
+from recovery.core.trial import remember_failed
 from recovery.core.run import reboot_now, run
 from recovery.os.cmdline import Boot, CommandLineRefused
 from recovery.os.config import DEFAULT_PATH, RecoveryConfig
 from recovery.os.console import Console, _BufferHandler
-from recovery.os.devices import find_device, mount, umount_all
+from recovery.os.devices import find_device, mount, umount, umount_all
 from recovery.os.installer import (
     CFG_MOUNT,
     FALLBACK_COUNTER,
     INCOMPLETE,
     INSTRUCTION,
     RUN,
+    SYSTEM_MOUNT,
     Installer,
     reset_fallback_counter,
 )
+from recovery.os.rollback import NoRollback, plan_rollback, tree_problem
 
 log = logging.getLogger("recovery")
 
@@ -112,6 +117,8 @@ def _crash(console: Console, e: BaseException) -> str:
 def _verdict(console: Console, result: Result) -> None:
     if result.outcome == Outcome.installed:
         console.say(f"recovery: installed {result.to_version}")
+    elif result.outcome == Outcome.rolled_back:
+        console.say(f"recovery: rolled back to {result.to_version}: {result.reason}")
     else:
         console.say(f"recovery: {result.outcome}: {result.reason}")
 
@@ -152,19 +159,65 @@ def install(config: RecoveryConfig, boot: Boot, console: Console) -> None:
         result = installer.result(Outcome.failed, str(e))
     except Exception as e:  # a crash is a failed try, with the evidence kept
         result = installer.result(Outcome.failed, _crash(console, e))
-    _finish(installer, result)
-
-
-def _finish(installer: Installer, result: Result) -> None:
-    console = installer.console
-    installer.record(result)
+    result = installer.record(result)
     _verdict(console, result)
+    if result.outcome == Outcome.rejected and installer.rollback:
+        # The system on the disk is the release that failed its trial: rebooting into it would only
+        # come back here. A person has to look.
+        append_log(cfg, console.buffer.getvalue())
+        rescue(config, console)
+        return
+    _finish(installer.cfg, console)
+
+
+def _finish(cfg: Path, console: Console) -> None:
     console.say("recovery: rebooting")
-    append_log(installer.cfg, console.buffer.getvalue())
+    append_log(cfg, console.buffer.getvalue())
     try:
         umount_all(RUN)
     except Failed as e:
         log.error("%s", e)
+
+
+def rollback(config: RecoveryConfig, boot: Boot, console: Console) -> None:
+    """Rollback mode (GRUB, past the last trial boot): stage the fallback bundle as a rollback
+    instruction and install it. With nothing to go back to, the rescue shell and the reason."""
+    cfg = _mount_cfg(config)
+    if not (cfg / INSTRUCTION).exists() and not (cfg / INCOMPLETE).exists():
+        try:
+            plan = plan_rollback(cfg, installed_version=lambda: _system_look(config, read_version),
+                                 problem=lambda: _system_look(config, tree_problem))
+        except NoRollback as e:
+            result = Result(Outcome.failed, f"cannot roll back: {e}", try_=boot.try_count, started=now(),
+                            finished=now())
+            write_result(cfg, result)
+            checkpoint_journal(cfg)
+            _verdict(console, result)
+            append_log(cfg, console.buffer.getvalue())
+            rescue(config, console)
+            return
+        console.say(f"recovery: rolling back to {plan.instruction.version}: {plan.reason}")
+        remember_failed(cfg, plan.failed_version, plan.reason)
+        # From here on it is an install: a cut leaves this instruction, and GRUB counts its tries.
+        write_instruction(cfg / INSTRUCTION, plan.instruction)
+    install(config, boot, console)
+
+
+def _system_look(config: RecoveryConfig, look: Callable[[Path], str | None]) -> str | None:
+    """`look` at the system partition mounted read-only (without replaying its journal); None if it cannot be."""
+    try:
+        node = find_device(config.system, timeout=config.device_timeout)
+        mount(node, SYSTEM_MOUNT, options="ro,nosuid,nodev,noexec,noload")
+    except UpdateError:
+        return None
+    try:
+        return look(SYSTEM_MOUNT)
+    finally:
+        umount(SYSTEM_MOUNT)
+
+
+def read_version(root: Path) -> str | None:
+    return read_os_release(root).version_id
 
 
 def rescue(config: RecoveryConfig | None, console: Console) -> None:
@@ -238,6 +291,8 @@ def main() -> None:
         _start_udev(config.device_timeout)
         if boot.rescue:
             rescue(config, console)
+        elif boot.rollback:
+            rollback(config, boot, console)
         else:
             install(config, boot, console)
     except BaseException as e:  # noqa: BLE001 - PID 1 must never die

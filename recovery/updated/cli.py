@@ -12,7 +12,10 @@ from pathlib import Path
 from recovery.core.cli import add_debug, boundary
 from recovery.core.feed import Release
 from recovery.core.output import strip_controls
+from recovery.core.run import reboot_now
+from recovery.core.trial import read_failed
 from recovery.core.version import Version
+from recovery.updated import trial
 from recovery.updated.sysconfig import SystemConfig
 from recovery.updated.updater import Reboot, Staged, Updater, newer, reboot_system
 
@@ -50,6 +53,12 @@ def cmd_install(args: argparse.Namespace) -> int:
         if not (newer(newest, running) or (same and args.force) or (not same and args.allow_downgrade)):
             print(_up_to_date(running, newest))
             return 0
+        failed = read_failed(updater.config.cfg).get(newest.version)
+        if failed is not None and not args.force:
+            # Rolled back once already: the same bundle would fail the same way.
+            print(f"skipping {strip_controls(newest.version)}: it was rolled back on {failed.at} ({failed.reason}); "
+                  "--force installs it anyway")
+            return 0
         staged = updater.install(source.join(newest.file), release=newest, force=args.force,
                                  allow_downgrade=args.allow_downgrade)
     else:
@@ -61,7 +70,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     _feed, _source, newest, running = _updater(args).check(args.feed)
     # Everything printed from the feed goes through strip_controls: a signed feed is the publisher's
     # word on releases, not a licence to drive this terminal.
-    if newer(newest, running):
+    failed = read_failed(_updater(args).config.cfg).get(newest.version)
+    if newer(newest, running) and failed is not None:
+        print(f"{strip_controls(newest.version)} is the newest release, but it was rolled back on {failed.at} "
+              f"({failed.reason}): install --latest skips it")
+    elif newer(newest, running):
         print(f"update available: {strip_controls(newest.version)} (running {running or 'an unknown version'})")
         if newest.notes:
             for line in strip_controls(newest.notes).strip().splitlines():
@@ -87,11 +100,31 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"staged: unreadable instruction: {state['staged_error']}")
     else:
         print("staged: nothing")
+    on_trial = state["trial"]
+    if on_trial is not None:
+        print(f"trial: {on_trial['version']} {on_trial['summary']}; it confirms itself once healthy")
+    elif state["trial_error"]:
+        print(f"trial: unreadable record: {state['trial_error']}")
+    fallback = state["fallback"]
+    print(f"fallback: {fallback['version']} ({fallback['file']})" if fallback else "fallback: none (a failed trial cannot be rolled back)")
     last = state["last_result"]
     print(f"last update: {last['summary'] if last else 'none recorded'}")
     for earlier in (last or {}).get("previous", ()):
         when = f" on {earlier['finished']}" if earlier.get("finished") else ""
         print(f"  before that: try {earlier['try']} failed: {earlier['reason']}{when}")
+    return 0
+
+
+def cmd_confirm(args: argparse.Namespace) -> int:
+    config = SystemConfig.load(args.config)
+    print(trial.confirm(config, check=args.check, reboot=args.reboot_fn))
+    return 0
+
+
+def cmd_guard(args: argparse.Namespace) -> int:
+    config = SystemConfig.load(args.config)
+    # Forced: a release stuck in its boot may never finish a clean shutdown either.
+    print(trial.guard(config, reboot=args.force_reboot_fn))
     return 0
 
 
@@ -118,6 +151,15 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="the running version, a staged update, the last recovery result")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=cmd_status)
+
+    f = sub.add_parser("confirm", help="end the running release's trial: it works, keep it (and its bundle as the fallback)")
+    f.add_argument("--check", action="store_true",
+                   help="run the health checks first; a failure is noted and reboots into the next trial boot")
+    f.set_defaults(run=cmd_confirm)
+
+    g = sub.add_parser("guard", help="at boot (reflash-trial-guard.service): reboot a trial boot that does not "
+                       "confirm within the time limit")
+    g.set_defaults(run=cmd_guard)
     return p
 
 
@@ -130,6 +172,7 @@ def main(argv: Sequence[str] | None = None, *, reboot: Reboot | None = None) -> 
         return int(e.code or 0)
     # Looked up when called, not when defined, so that patching `reboot_system` is enough.
     args.reboot_fn = reboot if reboot is not None else lambda: reboot_system()
+    args.force_reboot_fn = reboot if reboot is not None else lambda: reboot_now()
     return boundary(_on_stdout, args)
 
 

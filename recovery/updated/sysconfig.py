@@ -26,7 +26,8 @@ INSTRUCTION = "update-instruction"  # below cfg; the name GRUB and the recovery 
 DEFAULT_OS_RELEASE = Path("/etc/os-release")
 
 
-KNOWN = {"product", "keys", "cfg", "storage", "storage_disk", "bundles", "os_release"}
+KNOWN = {"product", "keys", "cfg", "storage", "storage_disk", "bundles", "os_release", "health_dir",
+         "trial_time_limit", "health_timeout"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class SystemConfig:
     storage_disk: str  # how the recovery finds that partition: goes into the instruction
     bundles: PurePosixPath = PurePosixPath("bundles")  # below storage
     os_release: Path = DEFAULT_OS_RELEASE
+    health_dir: Path = Path("/etc/recovery/health.d")  # the product's health checks, run before confirming
+    trial_time_limit: float = 300.0  # seconds after boot a release on trial has to confirm, else it reboots
+    health_timeout: float = 60.0  # seconds each health check may take
 
     @property
     def bundle_dir(self) -> Path:
@@ -76,7 +80,16 @@ class SystemConfig:
         bundles = PurePosixPath(text("bundles", "bundles"))
         if bundles.is_absolute() or ".." in bundles.parts:
             raise Rejected(f"{source}: bundles must be a relative path below storage, not {bundles}")
+        def seconds(key: str, default: float) -> float:
+            value = data.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise Rejected(f"{source}: {key} must be a positive number of seconds")
+            return float(value)
+
         return cls(
+            health_dir=absolute("health_dir", "/etc/recovery/health.d"),
+            trial_time_limit=seconds("trial_time_limit", 300),
+            health_timeout=seconds("health_timeout", 60),
             product=text("product"),
             keys=absolute("keys", "/etc/recovery/keys"),
             cfg=absolute("cfg", "/cfg"),

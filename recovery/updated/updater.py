@@ -28,6 +28,7 @@ from recovery.core.keys import Keyring
 from recovery.core.output import Progress, step
 from recovery.core.result import read_result
 from recovery.core.run import reboot_now, run
+from recovery.core.trial import Installed, TrialCounter, read_failed, read_fallback
 from recovery.core.version import Version
 from recovery.updated.feeds import load_feed
 from recovery.updated.feedstate import check_fresh, read_state, remember
@@ -161,10 +162,19 @@ class Updater:
         partial = directory / (name + PARTIAL)
         verb = "Downloading" if source.scheme.remote else "Copying"
         with step(f"{verb} {source} to {directory}"):
-            transfer = download(
-                source, partial, where=self.config.storage, size=release.size if release else None,
-                free=self.free, progress=self.progress,
-            )
+            try:
+                transfer = download(
+                    source, partial, where=self.config.storage, size=release.size if release else None,
+                    free=self.free, progress=self.progress,
+                )
+            except Rejected as e:
+                kept = [p for p in sorted(self._kept()) if p.is_file()]
+                if not str(e).startswith("not enough space") or not kept:
+                    raise
+                # The space the fallback takes is not free for a download: say so, or the operator
+                # deletes it by hand and loses the rollback.
+                sizes = ", ".join(f"{p.name} ({-(-p.stat().st_size // (1 << 20))} MiB)" for p in kept)
+                raise Rejected(f"{e}; kept for a rollback: {sizes}") from None
         return transfer.path
 
     def _verify(
@@ -206,10 +216,26 @@ class Updater:
         except OSError as e:
             raise Failed(f"cannot write the update instruction {self.config.instruction}: {e.strerror or e}") from None
 
+    def _kept(self) -> set[Path]:
+        """Bundles that must stay: the fallback (a failed trial reinstalls it) and the one installed
+        last (it becomes the fallback when it confirms)."""
+        kept = set()
+        for read in (read_fallback, lambda cfg: (i.bundle if (i := Installed.read(cfg)) else None)):
+            try:
+                ref = read(self.config.cfg)
+            except UpdateError as e:
+                log.warning("%s", e)
+                continue
+            if ref is not None and ref.disk == self.config.storage_disk:
+                kept.add(self.config.storage / ref.file.lstrip("/"))
+        return kept
+
     def _prune(self, directory: Path, *, keep: Path) -> None:
-        """Only the staged bundle is of use now: older bundles and stale partial downloads go."""
+        """Only the staged bundle is of use now, besides the fallback and the release installed last:
+        older bundles and stale partial downloads go."""
+        kept = {keep, *self._kept()}
         for path in directory.iterdir():
-            if path == keep or not path.is_file() or path.name.startswith("."):
+            if path in kept or not path.is_file() or path.name.startswith("."):
                 continue
             if path.name.endswith(BUNDLE_SUFFIX) or path.name.endswith(PARTIAL):
                 log.info("removing %s, which the staged update replaces", path.name)
@@ -267,7 +293,25 @@ class Updater:
         if result is not None:
             last = json.loads(result.to_json())
             last["summary"] = result.summary()
+        on_trial: dict[str, Any] | None = None
+        trial_problem: str | None = None
+        fallback: dict[str, Any] | None = None
+        try:
+            counter = TrialCounter.read(self.config.cfg)
+            installed = Installed.read(self.config.cfg)
+            if counter.on_trial:
+                on_trial = {"version": installed.bundle.version if installed else None, "boot": counter.boot,
+                            "max_boots": counter.max_boots, "summary": counter.summary()}
+            ref = read_fallback(self.config.cfg)
+            fallback = ref.to_dict() if ref else None
+        except UpdateError as e:
+            trial_problem = str(e)
+        failed = {v: {"reason": f.reason, "at": f.at} for v, f in read_failed(self.config.cfg).items()}
         return {
+            "trial": on_trial,
+            "trial_error": trial_problem,
+            "fallback": fallback,
+            "rolled_back": failed,
             "product": self.config.product,
             "version": self.config.running_version(),
             "staged": staged,

@@ -60,10 +60,10 @@ def test_grub_command_lines_are_accepted(cmdline: str, boot: Boot) -> None:
         ('recovery.mode=rescue recovery.mode="install init=/bin/sh"',
          r"recovery\.mode given twice \('rescue', then 'install init=/bin/sh'\)"),
         # Modes it does not know: GRUB writes rescue or none; an install is never asked for by name.
-        ("recovery.mode=install", r"recovery\.mode is 'install', not rescue"),
-        ("recovery.mode=Rescue", r"recovery\.mode is 'Rescue', not rescue"),
-        ("recovery.mode=rescue2", r"recovery\.mode is 'rescue2', not rescue"),
-        ("recovery.mode=", r"recovery\.mode is '', not rescue"),
+        ("recovery.mode=install", r"recovery\.mode is 'install', not rescue or rollback"),
+        ("recovery.mode=Rescue", r"recovery\.mode is 'Rescue', not rescue or rollback"),
+        ("recovery.mode=rescue2", r"recovery\.mode is 'rescue2', not rescue or rollback"),
+        ("recovery.mode=", r"recovery\.mode is '', not rescue or rollback"),
         ("recovery.mode", r"recovery\.mode without a value"),
         # Tries out of range or not a literal 1, 2, 3.
         ("recovery.try=0", r"recovery\.try is '0', not 1, 2 or 3"),
@@ -173,11 +173,13 @@ def test_the_try_count_on_a_kernel_line_is_only_ever_a_literal() -> None:
                 ), f"recovery_try used beyond a comparison: {line.strip()}"
 
 
-def test_the_recovery_command_lines_are_these_three() -> None:
-    """DESIGN.md's list: an install with its try, a rescue with its try, a rescue without one."""
+def test_the_recovery_command_lines_are_these_four() -> None:
+    """DESIGN.md's list: an install with its try, a rescue with its try, a rescue without one, a rollback
+    with its try; each with panic=10, so a recovery kernel that panics reboots into GRUB's next try."""
     linux = [_words(line) for line in _kernel_lines() if line.startswith("linux") and "recoverydev" in line]
     assert sorted(" ".join(words[2:]) for words in linux) == sorted([
-        f'"recovery.try=$recovery_count" {CONSOLE}',
-        f'recovery.mode=rescue "recovery.try=$recovery_count" {CONSOLE}',
-        f"recovery.mode=rescue {CONSOLE}",
+        f'"recovery.try=$recovery_count" panic=10 {CONSOLE}',
+        f'recovery.mode=rescue "recovery.try=$recovery_count" panic=10 {CONSOLE}',
+        f"recovery.mode=rescue panic=10 {CONSOLE}",
+        f'recovery.mode=rollback "recovery.try=$recovery_count" panic=10 {CONSOLE}',
     ])

@@ -58,27 +58,52 @@ def test_rendered_early_config(tmp_path):
 
 def test_instruction_is_read_through_a_whitelist():
     text = (BOOTLOADER / "recovery.cfg").read_text()
-    loads = re.findall(r"^\s*load_env .*$", text, re.MULTILINE)
+    loads = re.findall(r"^\s*(?:if )?load_env .*$", text, re.MULTILINE)
     saves = re.findall(r"save_env .*$", text, re.MULTILINE)
-    assert loads and all(line.split()[-1] == "recovery_try" and "--skip-sig" in line for line in loads)
-    assert saves and all(re.search(r"\$recovery_counter\" recovery_try(; then)?$", line) for line in saves)
-    # The counter lives in the instruction, or (for garbage GRUB cannot parse) in cfg's recovery/grubenv.
+    # From the instruction (and cfg's own block) only the try count; from the trial block only its two.
+    whitelists = {line.split("--skip-sig")[1].split(";")[0].strip() for line in loads}
+    assert len(loads) == 4 and all("--skip-sig" in line for line in loads)
+    assert whitelists == {"recovery_try", "trial_max trial_boot"}, whitelists
+    assert len(saves) == 2
+    assert all(re.search(r'(\$recovery_counter" recovery_try|/recovery/trial" trial_boot)(; then)?$', line)
+               for line in saves), saves
+    # The counter lives in the instruction, or (for garbage GRUB cannot parse, and for a rollback before it
+    # has staged its instruction) in cfg's recovery/grubenv.
     assert re.findall(r'set recovery_counter="(.*)"', text) == [
-        "($cfgdev)/update-instruction", "($cfgdev)/recovery/grubenv"]
+        "($cfgdev)/update-instruction", "($cfgdev)/recovery/grubenv", "($cfgdev)/recovery/grubenv"]
     # Variables the menu entries use must be exported, or GRUB's entry context does not see them.
-    assert "export cfgdev recoverydev recovery_try" in text
+    assert "export cfgdev recoverydev recovery_try trial_counted" in text
+
+
+def test_trial_boots_are_counted_with_literals_only():
+    """GRUB has no arithmetic: the next trial boot comes from a chain of literals up to MAX_BOOTS, and
+    nothing read from cfg is ever assigned except a literal."""
+    from recovery.core.trial import MAX_BOOTS
+
+    text = (BOOTLOADER / "recovery.cfg").read_text()
+    chain = re.findall(r'elif \[ "\$trial_boot" = (\d) \]; then\n\s*set trial_next=(\d)', text)
+    assert chain == [(str(n), str(n + 1)) for n in range(1, MAX_BOOTS)]
+    for value in re.findall(r"^\s*set \w+=(.*)$", text, re.MULTILINE):
+        assert value in {"", "1", "2", "3", "none", "rescue", "rollback", "recovery", '"$recovery_next"',
+                         '"$trial_next"', '"$recovery_entry"'} or value.startswith('"($cfgdev)/') \
+            or value.isdigit(), value
 
 
 def test_kernel_command_lines():
     recovery = (BOOTLOADER / "recovery.cfg").read_text()
     system = (BOOTLOADER / "grub.cfg").read_text()
     linux = re.findall(r"^\s*linux (.*)$", recovery + system, re.MULTILINE)
-    assert len(linux) == 4  # the rescue entry has one with its try count and one without
+    # the rescue entry has one with its try count and one without; the system one on trial, one not
+    assert len(linux) == 6
     for line in linux:
         assert line.endswith("console=tty0 console=ttyS0,115200"), line  # serial last: /dev/console
     assert any('"recovery.try=$recovery_count"' in line for line in linux)  # tests/unit/test_boot_cmdline.py
     assert any("recovery.mode=rescue" in line for line in linux)
     assert any("root=PARTLABEL=system" in line for line in linux)
+    assert any("recovery.mode=rollback" in line for line in linux)
+    assert all("panic=10" in line for line in linux)  # a panic reboots, so GRUB counts the next try
+    watched = [line for line in linux if "systemd.watchdog_sec=" in line]
+    assert len(watched) == 1 and "root=PARTLABEL=system" in watched[0]
 
 
 @needs
@@ -100,11 +125,13 @@ def test_grub_counts_tries_in_a_block_grub_editenv_reads(tmp_path):
         assert listed.stdout.splitlines() == ["recovery_action=install", "recovery_version=2.0.0", f"recovery_try={n}"]
 
 
-def test_the_fallback_is_the_rescue_entry():
-    """GRUB 2.06 reads `fallback` as an entry number: it must point at the rescue entry, counted in the
-    order the menu defines entries (grub.cfg's, then those of the recovery.cfg it sources at its end)."""
+def test_the_fallbacks_are_the_rescue_and_rollback_entries():
+    """GRUB 2.06 reads `fallback` as an entry number: it must point at the rescue entry (on trial: the
+    rollback), counted in the order the menu defines entries (grub.cfg's, then those of the
+    recovery.cfg it sources after its own)."""
     menu = (BOOTLOADER / "grub.cfg").read_text()
-    assert menu.rstrip().endswith('source "$prefix/recovery.cfg"')
-    ids = re.findall(r"^menuentry .* --id (\S+) \{", menu + (BOOTLOADER / "recovery.cfg").read_text(), re.MULTILINE)
-    fallback = re.findall(r"^set fallback=(\d+)$", menu, re.MULTILINE)
-    assert fallback and ids[int(fallback[-1])] == "rescue", (ids, fallback)
+    own, after = menu.split('source "$prefix/recovery.cfg"')
+    assert "menuentry" not in after
+    ids = re.findall(r"^menuentry .* --id (\S+) \{", own + (BOOTLOADER / "recovery.cfg").read_text(), re.MULTILINE)
+    assert re.findall(r"^set fallback=(\d+)$", own, re.MULTILINE) == ["2"] and ids[2] == "rescue", ids
+    assert re.findall(r"^    set fallback=(\d+)$", after, re.MULTILINE) == ["3"] and ids[3] == "rollback", ids

@@ -195,10 +195,11 @@ def test_demo_system_is_release_1(built_image, demo_fs):
     assert "signing.pem" not in debugfs(demo_fs["system"], "ls /etc/recovery/keys")
 
 
-def test_demo_cfg_has_only_grubs_fallback_counter(demo_fs, tmp_path):
-    """cfg starts with no instruction and no result: only the empty block GRUB counts garbage in."""
+def test_demo_cfg_has_only_grubs_counter_and_the_fallback(demo_fs, tmp_path):
+    """cfg starts with no instruction, no result and no trial: only the empty block GRUB counts garbage
+    in, and the record of the factory bundle as the fallback."""
     names = [line.split()[-1] for line in debugfs(demo_fs["cfg"], "ls -l /recovery").splitlines() if line.strip()]
-    assert sorted(names) == [".", "..", "grubenv"]
+    assert sorted(names) == [".", "..", "fallback.json", "grubenv"]
     assert "update-instruction" not in debugfs(demo_fs["cfg"], "ls /")
     block = tmp_path / "grubenv"
     debugfs(demo_fs["cfg"], f"dump /recovery/grubenv {block}")
@@ -216,9 +217,21 @@ def test_demo_recovery_partition(built_image, demo_fs):
     assert (built_image.recovery / "recovery.ext4").stat().st_size == built_image.config.partitions.recovery
 
 
-def test_demo_storage_is_empty(demo_fs):
+def test_demo_storage_holds_the_factory_bundle_as_the_fallback(built_image, demo_fs, tmp_path):
+    """The factory release's bundle lies on storage and cfg names it, byte for byte: even the first
+    update can roll back."""
+    import hashlib
+    import json
+
     names = [line.split()[-1] for line in debugfs(demo_fs["storage"], "ls -l /").splitlines() if line.strip()]
-    assert sorted(names) == [".", "..", "lost+found"]
+    assert sorted(names) == [".", "..", "bundles", "lost+found"]
+    factory = built_image.bundles[built_image.config.version]
+    debugfs(demo_fs["cfg"], f"dump /recovery/fallback.json {tmp_path / 'fallback.json'}")
+    fallback = json.loads((tmp_path / "fallback.json").read_text())
+    assert fallback == {"version": built_image.config.version, "disk": "PARTLABEL=storage",
+                        "file": f"/bundles/{factory.name}", "sha256": hashlib.sha256(factory.read_bytes()).hexdigest()}
+    debugfs(demo_fs["storage"], f"dump {fallback['file']} {tmp_path / 'factory.bundle'}")
+    assert (tmp_path / "factory.bundle").read_bytes() == factory.read_bytes()
 
 
 def test_demo_bundles_verify(built_image):

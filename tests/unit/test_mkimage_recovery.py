@@ -53,7 +53,7 @@ def test_recovery_only_from_cache(built_image, tmp_path, no_mmdebstrap):
     assert (out / "vmlinuz").read_bytes()[:2] == b"MZ"
     initrd = out / "initrd.img"
     assert initrd.stat().st_size <= 40 * MiB
-    assert (out / GRUB_SNIPPET).read_text().count("menuentry") == 2
+    assert (out / GRUB_SNIPPET).read_text().count("menuentry") == 3
     image = out / RECOVERY_IMAGE
     assert image.stat().st_size == config.partitions.recovery
     fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)

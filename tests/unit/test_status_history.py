@@ -96,8 +96,9 @@ def test_reflashctl_status_shows_the_earlier_failure(
     write_result(system.config.cfg, INSTALLED)
     assert main(["--config", str(system.config_path), "status"], reboot=lambda: None) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2].startswith("last update: installed 1.0.0 -> 2.0.0 in 41 s")
-    assert lines[3] == ("  before that: try 1 failed: mkfs.ext4 exited with status 1 "
+    at = next(i for i, line in enumerate(lines) if line.startswith("last update:"))
+    assert lines[at].startswith("last update: installed 1.0.0 -> 2.0.0 in 41 s")
+    assert lines[at + 1] == ("  before that: try 1 failed: mkfs.ext4 exited with status 1 "
                         "on 2026-01-01T00:01:00+00:00")
     assert main(["--config", str(system.config_path), "status", "--json"], reboot=lambda: None) == 0
     last = json.loads(capsys.readouterr().out)["last_result"]
