@@ -164,14 +164,19 @@ def _remove_replaced(config: SystemConfig, previous: BundleRef) -> None:
 
 def _disarm_watchdog() -> None:
     """The trial boot armed systemd's hardware watchdog (systemd.watchdog_sec on its command line): the
-    trial is over, so stop it (best effort: it only reboots a machine that hangs)."""
+    trial is over, so stop it (best effort: it only reboots a machine that hangs). An appliance without
+    a D-Bus daemon still has systemd's own socket, which only root may use."""
     if not Path("/run/systemd/system").exists():
         return
-    proc = run(["busctl", "set-property", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
-                "org.freedesktop.systemd1.Manager", "RuntimeWatchdogUSec", "t", "0"], check=False)
-    if proc.returncode != 0:
-        log.warning("the hardware watchdog stays armed until the next boot: %s",
-                    proc.stderr.decode(errors="replace").strip())
+    set_property = ["set-property", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+                    "org.freedesktop.systemd1.Manager", "RuntimeWatchdogUSec", "t", "0"]
+    said = ""
+    for bus in ("--system", "--address=unix:path=/run/systemd/private"):
+        proc = run(["busctl", bus, *set_property], check=False)
+        if proc.returncode == 0:
+            return
+        said = proc.stderr.decode(errors="replace").strip()
+    log.warning("the hardware watchdog stays armed until the next boot: %s", said)
 
 
 # --- the time limit ------------------------------------------------------------------------------

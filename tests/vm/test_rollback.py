@@ -1,0 +1,139 @@
+"""Trial boots and the rollback under QEMU, with real GRUB, real reboots and no help from the test.
+
+A good release confirms itself on its first boot and becomes the fallback. A signed release that does
+not work (its init exits, it has no kernel, its health check fails, it never reaches multi-user, it
+hangs) is installed, fails its trial boots and is replaced by the factory release 1.0.0, which
+confirms itself; the operator's files on cfg and storage keep their bytes, and `install --latest`
+skips the failed version afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mkimage.publish import publish
+from recovery.core.envblock import parse_envblock
+from tests.reliability import Scenario, scenario  # noqa: F401  (the fixture, also without the plugin)
+from tests.vm.releases import BROKEN, broken_bundle
+from tests.vm.staging import INSTRUCTION, read_result, ready, stage
+from tests.vm.treecheck import check_installed
+from vm.deadlines import BOOT, RECOVERY
+from vm.disk import DiskImage
+from vm.machine import Firmware, Machine
+
+TRIAL = "/recovery/trial"
+FALLBACK = "/recovery/fallback.json"
+FACTORY = "/bundles/demo-appliance-1.0.0.bundle"
+MARKERS = (("cfg", "/keep.conf", b"setting=1\n"), ("storage", "/keep/data.txt", b"operator data\n"))
+TRIAL_BOOTS = 3 * BOOT  # every trial boot of a broken release, up to the rollback
+CHECKED = ("ends with no help on 1.0.0 booted and confirmed; result.json rolled-back from the broken version to 1.0.0 "
+           "with a reason naming what was seen; the operator's files on cfg and storage unchanged; the restored "
+           "tree equal to 1.0.0's payload; install --latest skips the failed version")
+
+
+def _trial_block(disk: DiskImage) -> dict[str, str]:
+    raw = disk.read_file("cfg", TRIAL)
+    assert raw is not None, "no trial block on cfg"
+    return parse_envblock(raw)
+
+
+def _shell(m: Machine, cmd: str) -> str:
+    code, out = m.shell(cmd)
+    assert code == 0, out
+    return out
+
+
+def test_a_good_release_confirms_on_its_first_boot_and_becomes_the_fallback(
+    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage,
+) -> None:
+    good = built_image.bundles["2.0.0"]
+    stage(vm_disk, good.read_bytes(), name=good.name)
+    m = machine()
+    m.expect(r"recovery: installed 2\.0\.0\r?\n", 4 * RECOVERY)
+    m.expect(r"trial: 2\.0\.0 is on trial \(boot 1 of 3\)", BOOT)
+    m.expect(r"trial: confirmed 2\.0\.0 \(boot 1 of 3\)", BOOT)
+    m.expect(ready(built_image, "2.0.0"), BOOT)
+    status = _shell(m, "reflashctl status")
+    assert "fallback: 2.0.0 (/bundles/demo-appliance-2.0.0.bundle)" in status, status
+    assert "trial:" not in status, status
+    # The trial armed the hardware watchdog (systemd.watchdog_sec on the trial boot); confirm disarmed it.
+    assert _shell(m, "cat /proc/cmdline").count("systemd.watchdog_sec=30") == 1
+    assert _shell(m, "systemctl show -p RuntimeWatchdogUSec --value").strip() in ("0", "infinity")
+    m.power_cut()
+
+    assert _trial_block(vm_disk) == {}
+    fallback = json.loads(vm_disk.read_file("cfg", FALLBACK) or b"{}")
+    assert (fallback["version"], fallback["file"]) == ("2.0.0", f"/bundles/{good.name}")
+    # Replaced only now that the newer release confirmed: the factory bundle is gone, 2.0.0's is kept.
+    assert vm_disk.read_file("storage", FACTORY) is None
+    assert vm_disk.read_file("storage", f"/bundles/{good.name}") == good.read_bytes()
+
+    # The next boot is an ordinary one: no trial, no count.
+    m = machine()
+    m.expect(ready(built_image, "2.0.0"), BOOT)
+    assert "systemd.watchdog_sec" not in _shell(m, "cat /proc/cmdline")
+    m.power_cut()
+    assert _trial_block(vm_disk) == {}
+
+
+def _feed_on_storage(built: Any, disk: DiskImage, bundle: Path, tmp: Path) -> None:
+    """A signed feed whose newest release is `bundle`, in /storage/feed (its bundle need not be there)."""
+    published = publish([bundle], tmp / "feed", key=built.keys / "signing.pem")
+    for name in ("releases.json", "releases.json.sig"):
+        disk.write_file("storage", f"/feed/{name}", (published.directory / name).read_bytes())
+
+
+def _params() -> list[Any]:
+    quick = {"init-exits", "unhealthy"}  # make test; the rest with make reliability
+    return [pytest.param(kind, marks=() if kind in quick else pytest.mark.reliability, id=kind) for kind in BROKEN]
+
+
+@pytest.mark.parametrize("kind", _params())
+def test_a_release_that_does_not_work_is_rolled_back(
+    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, kind: str, tmp_path: Path,
+    scenario: Scenario,
+) -> None:
+    broken = BROKEN[kind]
+    scenario.name = f"Rollback: a signed release that does not work ({kind})"
+    scenario.checked = CHECKED
+    bundle = broken_bundle(built_image, kind)
+    for part, path, data in MARKERS:
+        vm_disk.write_file(part, path, data)
+    _feed_on_storage(built_image, vm_disk, bundle, tmp_path)
+    stage(vm_disk, bundle.read_bytes(), name=bundle.name, version=broken.version)
+
+    m = machine(Firmware.bios)
+    m.expect(rf"recovery: installed {re.escape(broken.version)}\r?\n", 4 * RECOVERY)
+    m.expect(rf"recovery: rolling back to 1\.0\.0: {broken.reason}", TRIAL_BOOTS)
+    m.expect(rf"recovery: rolled back to 1\.0\.0: {broken.reason}.*\r?\n", 4 * RECOVERY)
+    # Cut before the restored system mounts its root (which writes to it): the tree is 1.0.0's payload.
+    m.expect(r"Loading the system", BOOT)
+    m.power_cut()
+    check_installed(vm_disk, built_image.bundles["1.0.0"], built_image.keys)
+
+    m = machine(Firmware.bios)
+    m.expect(r"trial: confirmed 1\.0\.0 \(boot \d of 3\)", BOOT)
+    m.expect(ready(built_image, "1.0.0"), BOOT)
+    status = _shell(m, "reflashctl status")
+    assert re.search(rf"^last update: rolled back from {re.escape(broken.version)} to 1\.0\.0 on .*: {broken.reason}",
+                     status, re.MULTILINE), status
+    assert "fallback: 1.0.0 (/bundles/demo-appliance-1.0.0.bundle)" in status, status
+    latest = _shell(m, "reflashctl install --latest /storage/feed --no-reboot")
+    assert re.search(rf"skipping {re.escape(broken.version)}: it was rolled back on .*; --force installs it", latest), latest
+    m.power_cut()
+
+    result = read_result(vm_disk)
+    assert (result["outcome"], result["from_version"], result["to_version"]) == ("rolled-back", broken.version, "1.0.0")
+    assert re.match(broken.reason, result["reason"]), result
+    assert vm_disk.read_file("cfg", INSTRUCTION) is None
+    assert _trial_block(vm_disk) == {}
+    for part, path, data in MARKERS:
+        assert vm_disk.read_file(part, path) == data, (part, path)
+    failed = json.loads(vm_disk.read_file("cfg", "/recovery/failed.json") or b"{}")
+    assert [r["version"] for r in failed["releases"]] == [broken.version]
