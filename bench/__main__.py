@@ -38,7 +38,7 @@ from .timeline import median_run, svg
 
 REPO = Path(__file__).resolve().parent.parent
 GNU_TAR = ["tar", "--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner", "-p", "-I", "zstd", "-x"]
-SECTIONS = ("files", "erase", "build", "phase", "boot", "memory", "cycle")
+SECTIONS = ("files", "erase", "build", "phase", "boot", "memory", "cycle", "rollback")
 
 
 def _fresh(directory: Path) -> None:
@@ -147,7 +147,7 @@ def say(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
-VM_SECTIONS = {"phase", "boot", "memory", "cycle"}
+VM_SECTIONS = {"phase", "boot", "memory", "cycle", "rollback"}
 
 
 class Bench:
@@ -253,7 +253,13 @@ class Bench:
                 r.cycle.append(vm.demo_cycle(g))
                 say(f"full cycle, run {i + 1}: {r.cycle[-1].total:.0f} s")
 
-        for name, measure in (("phase", phase), ("boot", boot), ("memory", memory), ("cycle", cycle)):
+        def rollback() -> None:
+            # One run: three trial boots, a whole install and two boots of the restored release.
+            r.rollback.append(vm.rollback_time(g))
+            say(f"rollback, first failed trial boot to the restored release confirmed: {r.rollback[-1].total:.0f} s")
+
+        for name, measure in (("phase", phase), ("boot", boot), ("memory", memory), ("cycle", cycle),
+                              ("rollback", rollback)):
             if name in self.sections:
                 self.attempt(name, measure)
 

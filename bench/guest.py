@@ -247,6 +247,54 @@ def demo_cycle(guest: Guest) -> Cycle:
                  how="boot 1.0.0 (bundle on storage), `reflashctl install FILE`, recovery, boot 2.0.0")
 
 
+# --- the rollback ------------------------------------------------------------------------------------
+
+
+ROLLBACK_MARKS = (
+    ("installed", r"recovery: installed"),
+    ("first_trial", r"Loading the system"),
+    ("rollback", r"Loading the recovery OS \(rollback"),
+    ("rolled_back", r"recovery: rolled back to"),
+    ("restored_boot", r"Loading the system"),
+    ("confirmed", r"trial: confirmed"),
+)
+
+
+@dataclass(frozen=True)
+class Rollback:
+    total: float  # the first failed trial boot (GRUB loading it) to the restored release confirmed
+    marks: dict[str, float]
+    how: str
+
+
+def rollback_time(guest: Guest, kind: str = "unhealthy") -> Rollback:
+    """Install a release whose health check fails (tests/vm/releases.py) and time its trial boots, the
+    rollback and the restored release's boot up to its confirmation."""
+    from tests.vm.releases import BROKEN, broken_bundle
+
+    image, broken = guest.image, BROKEN[kind]
+    bundle = broken_bundle(image, kind)
+    disk = guest.overlay()
+    disk.write_file("storage", f"/bundles/{bundle.name}", bundle.read_bytes())
+    instruction = Instruction.create(disk="PARTLABEL=storage", file=f"/bundles/{bundle.name}",
+                                     sha256=_sha256(bundle), version=broken.version)
+    disk.write_file("cfg", "/update-instruction", instruction.to_block())
+    clock = LineClock()
+    m = guest.machine(disk, clock)
+    try:
+        _start(m, clock)
+        m.expect(r"recovery: installed " + re.escape(broken.version), RECOVERY)
+        m.expect(r"recovery: rolled back to " + re.escape(image.config.version), 3 * BOOT + RECOVERY)
+        m.expect(r"trial: confirmed " + re.escape(image.config.version), BOOT)
+    finally:
+        m.power_cut()
+        m.close()
+    guest.done(disk)
+    marks = clock.marks(ROLLBACK_MARKS)
+    return Rollback(total=marks["confirmed"] - marks["first_trial"], marks=marks,
+                    how=f"{broken.version}, whose health check fails, installed over {image.config.version}")
+
+
 def workdir(root: Path) -> Path:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)

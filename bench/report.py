@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from recovery.core.output import MiB
 
 from .erase import EraseResult
-from .guest import Cycle, MemoryTry
+from .guest import Cycle, MemoryTry, Rollback
 from .host import Host
 from .imagebuild import BuildTimes, RecoverySize
 from .inputs import Inputs
@@ -41,6 +41,7 @@ class Results:
     boots: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # (firmware, ready|recovery)
     guest_memory: list[MemoryTry] = field(default_factory=list)
     cycle: list[Cycle] = field(default_factory=list)
+    rollback: list[Rollback] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # measurements that broke off, and why
 
 
@@ -369,12 +370,29 @@ def cycle_section(r: Results) -> list[str]:
     return lines
 
 
+def rollback_section(r: Results) -> list[str]:
+    if not r.rollback:
+        return []
+    run = sorted(r.rollback, key=lambda x: x.total)[(len(r.rollback) - 1) // 2]
+    m = run.marks
+    parts = [("trial boots (three, each ending in a failed health check and a reboot)", m.get("first_trial"), m.get("rollback")),
+             ("rollback: GRUB to the recovery's verdict (verify, erase, extract the fallback)", m.get("rollback"), m.get("rolled_back")),
+             ("reboot and the restored release's boot to its confirmation", m.get("rolled_back"), m.get("confirmed"))]
+    lines = ["", "### A release that fails its trial, rolled back under TCG", "",
+             f"Measured by the benchmark itself ({run.how}); BIOS, 1 vCPU, 1024 MiB. From GRUB loading the "
+             f"first failed trial boot to the restored release's `trial: confirmed`: {_mmm([x.total for x in r.rollback])}.",
+             "", "| part | s |", "|---|---:|"]
+    for name, a, b in parts:
+        lines.append(f"| {name} | {b - a:.1f} |" if a is not None and b is not None else f"| {name} | – |")
+    return lines
+
+
 def render(r: Results) -> str:
     lines = [f"Measured {r.host.describe(r.accel)}.", ""]
     if r.image:
         lines += [f"Booted image: {r.image}.", ""]
     lines += summary(r)
     for section in (files_sections, erase_section, build_section, phase_section, boot_section,
-                    guest_memory_section, cycle_section):
+                    guest_memory_section, cycle_section, rollback_section):
         lines += section(r)
     return "\n".join(lines) + "\n"

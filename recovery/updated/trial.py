@@ -19,7 +19,7 @@ from pathlib import Path
 from recovery.core.atomic import durable_unlink
 from recovery.core.errors import Failed, Rejected
 from recovery.core.instruction import read_instruction
-from recovery.core.run import program_env, run
+from recovery.core.run import program_env
 from recovery.core.trial import (
     BundleRef,
     Installed,
@@ -124,7 +124,6 @@ def confirm(config: SystemConfig, *, check: bool, reboot: Reboot) -> str:
     end_trial(config.cfg)
     add_note(config.cfg, version, counter.boot, "confirmed")
     settle(config)
-    _disarm_watchdog()
     return f"trial: confirmed {version} ({boot}): its bundle is the fallback now"
 
 
@@ -160,23 +159,6 @@ def _remove_replaced(config: SystemConfig, previous: BundleRef) -> None:
             log.info("removed %s, the fallback before", path)
     except OSError as e:
         log.warning("cannot remove the old fallback %s: %s", path, e.strerror or e)
-
-
-def _disarm_watchdog() -> None:
-    """The trial boot armed systemd's hardware watchdog (systemd.watchdog_sec on its command line): the
-    trial is over, so stop it (best effort: it only reboots a machine that hangs). An appliance without
-    a D-Bus daemon still has systemd's own socket, which only root may use."""
-    if not Path("/run/systemd/system").exists():
-        return
-    set_property = ["set-property", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
-                    "org.freedesktop.systemd1.Manager", "RuntimeWatchdogUSec", "t", "0"]
-    said = ""
-    for bus in ("--system", "--address=unix:path=/run/systemd/private"):
-        proc = run(["busctl", bus, *set_property], check=False)
-        if proc.returncode == 0:
-            return
-        said = proc.stderr.decode(errors="replace").strip()
-    log.warning("the hardware watchdog stays armed until the next boot: %s", said)
 
 
 # --- the time limit ------------------------------------------------------------------------------
