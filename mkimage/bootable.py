@@ -11,13 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from recovery.core.boottree import INITRD, INITS, KERNEL, resolve
 from recovery.core.errors import Rejected
 from recovery.core.osrelease import OsRelease
 
-KERNEL, INITRD = "boot/vmlinuz", "boot/initrd.img"  # what bootloader/grub.cfg loads
-INITS = ("sbin/init", "etc/init", "bin/init")  # where the kernel looks for init, in its order
 OS_RELEASE = ("etc/os-release", "usr/lib/os-release")  # os-release(5)
-MAX_LINKS = 40
 
 
 def normal(name: str) -> str:
@@ -39,29 +37,8 @@ class TreeIndex:
         return normal(name) in OS_RELEASE
 
     def resolve(self, path: str) -> str | None:
-        """`path` with every symlink on the way followed inside the tree (an absolute target starts
-        again at the tree's root, as it will on the installed system); None if it leads nowhere."""
-        todo, done, hops = normal(path).split("/"), [], 0
-        while todo:
-            part = todo.pop(0)
-            if part == "..":
-                if done:
-                    done.pop()
-                continue
-            here = "/".join([*done, part])
-            kind, target = self.kinds.get(here, (None, None))
-            if kind is None:
-                return None
-            if kind == "symlink":
-                hops += 1
-                if hops > MAX_LINKS or not target:
-                    return None
-                todo = [p for p in target.split("/") if p not in ("", ".")] + todo
-                if target.startswith("/"):
-                    done = []
-                continue
-            done.append(part)
-        return "/".join(done)
+        """`path` with every symlink on the way followed inside the tree; None if it leads nowhere."""
+        return resolve(path, lambda here: self.kinds.get(here, (None, None)))
 
     def is_file(self, path: str) -> bool:
         found = self.resolve(path)

@@ -12,14 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from recovery.core.boottree import INITRD, INITS, KERNEL, Lookup, resolve
 from recovery.core.errors import Rejected, UpdateError
 from recovery.core.instruction import Action, Instruction
 from recovery.core.trial import Installed, TrialCounter, TrialError, failure_reason, read_fallback, read_notes
-
-KERNEL, INITRD = "boot/vmlinuz", "boot/initrd.img"  # what bootloader/grub.cfg loads
-INITS = ("sbin/init", "etc/init", "bin/init")
-MAX_LINKS = 40
-
 
 class NoRollback(UpdateError):
     """There is nothing to roll back to, or going back again would not help: a person must look."""
@@ -34,30 +30,13 @@ class RollbackPlan:
     reason: str  # why `failed_version` is being replaced, in one line
 
 
-def _inside(root: Path, path: str) -> Path | None:
-    """`path` below `root` with symlinks followed as the installed system would (an absolute target
-    starts again at `root`), never leaving it; None when it leads nowhere."""
-    todo, done, hops = [p for p in path.split("/") if p not in ("", ".")], [], 0
-    while todo:
-        part = todo.pop(0)
-        if part == "..":
-            if done:
-                done.pop()
-            continue
-        here = root.joinpath(*done, part)
-        if here.is_symlink():
-            hops += 1
-            if hops > MAX_LINKS:
-                return None
-            target = os.readlink(here)
-            todo = [p for p in target.split("/") if p not in ("", ".")] + todo
-            if target.startswith("/"):
-                done = []
-            continue
-        if not here.exists():
-            return None
-        done.append(part)
-    return root.joinpath(*done)
+def _lookup(root: Path) -> Lookup:
+    def kind(here: str) -> tuple[str | None, str | None]:
+        path = root / here
+        if path.is_symlink():
+            return "symlink", os.readlink(path)
+        return ("file" if path.is_file() else "other", None) if path.exists() else (None, None)
+    return kind
 
 
 def tree_problem(root: Path) -> str | None:
@@ -70,8 +49,8 @@ def tree_problem(root: Path) -> str | None:
 
 
 def _is_file(root: Path, path: str) -> bool:
-    found = _inside(root, path)
-    return found is not None and found.is_file()
+    found = resolve(path, _lookup(root))
+    return found is not None and (root / found).is_file()
 
 
 def plan_rollback(cfg: Path, *, installed_version: Callable[[], str | None],
