@@ -9,7 +9,8 @@ DEB_PACKAGES := python3 python3-venv python3-pip \
 	python3-pyudev python3-parted python3-psutil python3-libarchive-c python3-cryptography \
 	qemu-system-x86 qemu-utils ovmf grub-pc-bin grub-efi-amd64-bin grub-common \
 	mmdebstrap mtools dosfstools e2fsprogs kmod binutils parted libparted-dev pkg-config \
-	libarchive13 zstd xz-utils gzip tar acl attr libcap2-bin cpio uidmap coreutils
+	libarchive13 zstd xz-utils gzip tar acl attr libcap2-bin cpio uidmap coreutils \
+	python3-aiohttp chromium chromium-driver
 
 .PHONY: setup test test-unit test-vm demo bench reliability clean
 

@@ -1,4 +1,8 @@
-"""`reflashctl`, the appliance's update command: install, check, status; one line per verdict."""
+"""`reflashctl`, the appliance's update command: download, install, cancel, check, status; one line per verdict.
+
+Download, install and cancel go to `reflashd` when its socket answers (one operation at a time for
+the whole appliance); without the daemon the command does them itself, under the same lock.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,20 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from recovery.core.cli import add_debug, boundary
-from recovery.core.feed import Release
-from recovery.core.output import strip_controls
+from recovery.core.cli import UsageError, add_debug, boundary
+from recovery.core.errors import Failed, Rejected
+from recovery.core.output import MiB, strip_controls
 from recovery.core.run import reboot_now
 from recovery.core.trial import read_failed
-from recovery.core.version import Version
-from recovery.updated import trial
+from recovery.updated import apitoken, trial
+from recovery.updated.client import Client
+from recovery.updated.operations import Operations, up_to_date
+from recovery.updated.servicestate import Phase
 from recovery.updated.sysconfig import SystemConfig
 from recovery.updated.updater import Reboot, Staged, Updater, newer, reboot_system
 
@@ -37,33 +45,116 @@ def _finish(args: argparse.Namespace, updater: Updater, staged: Staged) -> int:
     return 0
 
 
-def _up_to_date(running: str | None, newest: Release) -> str:
-    older = running is not None and Version(newest.version) < Version(running)
-    hint = " (older: --allow-downgrade installs it)" if older else ""
-    return f"up to date: {running} is running, the newest release is {strip_controls(newest.version)}{hint}"
-
-
 def cmd_install(args: argparse.Namespace) -> int:
     updater = _updater(args)
-    if args.latest:
-        feed, source, newest, running = updater.check(args.source)
-        # The newest release is installed when it is newer; the same one again only with --force, an
-        # older one (a withdrawn release) only with --allow-downgrade.
-        same = running is not None and Version(newest.version) == Version(running)
-        if not (newer(newest, running) or (same and args.force) or (not same and args.allow_downgrade)):
-            print(_up_to_date(running, newest))
+    if args.latest and args.source is None:
+        raise UsageError("install --latest needs the feed: reflashctl install --latest FEED")
+    client = Client.connect(updater.config.daemon.socket)
+    if client is not None:
+        return _install_through(client, args)
+    if args.reboot_at:
+        raise Rejected("--reboot-at needs reflashd running: it keeps the time and reboots")
+    ops = Operations(updater)
+    if args.source is None:
+        staged = ops.install()
+    elif args.latest:
+        found = ops.latest(args.source, force=args.force, allow_downgrade=args.allow_downgrade)
+        if found.source is None:
+            print(found.message)
             return 0
-        failed = read_failed(updater.config.cfg).get(newest.version)
-        if failed is not None and not args.force:
-            # Rolled back once already: the same bundle would fail the same way.
-            print(f"skipping {strip_controls(newest.version)}: it was rolled back on {failed.at} ({failed.reason}); "
-                  "--force installs it anyway")
-            return 0
-        staged = updater.install(source.join(newest.file), release=newest, force=args.force,
+        staged = updater.install(found.source, release=found.release, force=args.force,
                                  allow_downgrade=args.allow_downgrade)
     else:
         staged = updater.install(args.source, force=args.force, allow_downgrade=args.allow_downgrade)
     return _finish(args, updater, staged)
+
+
+def _install_through(client: Client, args: argparse.Namespace) -> int:
+    """The same install by reflashd: a source is downloaded first, then the downloaded bundle staged."""
+    if args.source is not None and _download_through(client, args) != "downloaded":
+        return 0
+    reboot = None if args.no_reboot else (args.reboot_at or "now")
+    answer = client.call("POST", "/api/install", {"reboot": reboot})
+    print(answer["message"])
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    updater = _updater(args)
+    client = Client.connect(updater.config.daemon.socket)
+    if client is not None:
+        _download_through(client, args)
+        return 0
+    ops = Operations(updater)
+    if args.latest:
+        found = ops.latest(args.source, force=args.force, allow_downgrade=args.allow_downgrade)
+        if found.source is None:
+            print(found.message)
+            return 0
+        record = ops.download(found.source, release=found.release, force=args.force,
+                              allow_downgrade=args.allow_downgrade)
+    else:
+        record = ops.download(args.source, force=args.force, allow_downgrade=args.allow_downgrade)
+    print(f"downloaded {updater.config.product} {record.version} ({record.file}): reflashctl install installs it")
+    return 0
+
+
+def _download_through(client: Client, args: argparse.Namespace) -> str:
+    """Start the download in reflashd and follow it to its end; "downloaded", or "nothing" when the
+    feed has nothing newer. Ctrl-C stops following, not the download."""
+    request: dict[str, Any] = {"force": args.force, "allow_downgrade": args.allow_downgrade}
+    if args.latest:
+        request.update(latest=True, feed=args.source)
+    else:
+        request["source"] = args.source
+    answer = client.call("POST", "/api/download", request)
+    print(answer["message"], flush=True)
+    if not answer["started"]:
+        return "nothing"
+    last = 0.0
+    try:
+        while True:
+            progress = client.call("GET", "/api/download")
+            record = progress["download"]
+            if progress["operation"] is None:
+                break
+            if record and time.monotonic() - last >= 1.0:
+                last = time.monotonic()
+                print(f"downloading {record['file']} {_done(record)}", flush=True)
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        print("reflashd goes on with the download: reflashctl status shows it, reflashctl cancel stops it")
+        return "nothing"
+    if record is None:
+        raise Rejected("the download was cancelled")
+    if record["phase"] != Phase.downloaded:
+        kind, _, why = (record["error"] or "failed: the download stopped").partition(": ")
+        raise (Rejected if kind == "rejected" else Failed)(why)
+    print(f"downloaded {record['version']} ({record['file']}): reflashctl install installs it")
+    return "downloaded"
+
+
+def _done(record: dict[str, Any]) -> str:
+    size = f"/{record['size'] / MiB:.1f}" if record.get("size") else ""
+    percent = f"{record['percent']}% " if record.get("percent") is not None else ""
+    return f"{percent}({record['done'] / MiB:.1f}{size} MiB)"
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    updater = _updater(args)
+    client = Client.connect(updater.config.daemon.socket)
+    if client is not None:
+        done = client.call("POST", "/api/cancel", {"discard": args.discard})["done"]
+    else:
+        done = Operations(updater).cancel(discard=args.discard)
+    for line in done:
+        print(line)
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    print(apitoken.read_or_create(SystemConfig.load(args.config).cfg))
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -80,16 +171,17 @@ def cmd_check(args: argparse.Namespace) -> int:
             for line in strip_controls(newest.notes).strip().splitlines():
                 print(f"  {line}")
     else:
-        print(_up_to_date(running, newest))
+        print(up_to_date(running, newest))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    state = _updater(args).status()
+    state = Operations(_updater(args)).status()
     if args.json:
         print(json.dumps(state, indent=2, sort_keys=True))
         return 0
     print(f"running: {state['product']} {state['version'] or '(unknown version)'}")
+    print(f"state: {_headline(state)}")
     staged = state["staged"]
     if staged is not None:
         tries = f", tried {staged['try_count']} time(s)" if staged.get("try_count") else ""
@@ -107,12 +199,44 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"trial: unreadable record: {state['trial_error']}")
     fallback = state["fallback"]
     print(f"fallback: {fallback['version']} ({fallback['file']})" if fallback else "fallback: none (a failed trial cannot be rolled back)")
+    download = state["download"]
+    if state["download_error"]:
+        print(f"download: unreadable record: {state['download_error']}")
+    elif download is not None:
+        print(f"download: {_download_line(download)}")
     last = state["last_result"]
     print(f"last update: {last['summary'] if last else 'none recorded'}")
     for earlier in (last or {}).get("previous", ()):
         when = f" on {earlier['finished']}" if earlier.get("finished") else ""
         print(f"  before that: try {earlier['try']} failed: {earlier['reason']}{when}")
     return 0
+
+
+def _headline(state: dict[str, Any]) -> str:
+    name = state["state"]
+    download = state["download"]
+    if name == "staged":
+        version = state["staged"]["version"] if state["staged"] else "an unreadable instruction"
+        when = f", reboot scheduled at {state['reboot_at']}" if state["reboot_at"] else ""
+        return f"staged {version}{when}"
+    if name == "downloading":
+        return f"downloading {download['file']} {_done(download)}" + ("" if download["running"] else ", stopped")
+    if name == "on-trial":
+        return f"on trial {state['trial']['version']} ({state['trial']['summary']})"
+    if name == "downloaded":
+        return f"downloaded {download['version']}"
+    return "idle"
+
+
+def _download_line(download: dict[str, Any]) -> str:
+    if download["phase"] == Phase.downloaded:
+        return f"{download['version']} downloaded ({download['file']}): reflashctl install installs it"
+    if download["phase"] == Phase.failed:
+        return f"{download['file']} refused: {download['error']}"
+    if download["running"]:
+        return f"{download['file']} from {download['source']}: {_done(download)}"
+    why = f": {download['error']}" if download["error"] else ""
+    return f"{download['file']} stopped at {_done(download)}{why}; reflashctl download {download['source']} resumes it"
 
 
 def cmd_confirm(args: argparse.Namespace) -> int:
@@ -135,14 +259,31 @@ def parser() -> argparse.ArgumentParser:
                    help="system configuration (default: $UPDATECTL_CONFIG or /etc/recovery/system.toml)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    i = sub.add_parser("install", help="download, verify and stage a bundle, then reboot to install it")
-    i.add_argument("source", metavar="URL|FILE", help="a bundle (http, https, file:// or a path); with --latest, a feed")
+    i = sub.add_parser("install", help="stage a bundle (without SOURCE: the downloaded one), then reboot to install it")
+    i.add_argument("source", metavar="URL|FILE", nargs="?",
+                   help="a bundle (http, https, file:// or a path); with --latest, a feed; none: the downloaded bundle")
     i.add_argument("--latest", action="store_true", help="SOURCE is a release feed: install its newest release")
     i.add_argument("--no-reboot", action="store_true", help="stop after staging; install at the next reboot")
+    i.add_argument("--reboot-at", metavar="TIME",
+                   help="reboot at TIME (ISO 8601 with zone, e.g. 2026-12-04T03:00+01:00); needs reflashd")
     i.add_argument("--force", action="store_true", help="install even the version that is running")
     i.add_argument("--allow-downgrade", action="store_true",
                    help="install a version older than the running one (the instruction records it)")
     i.set_defaults(run=cmd_install)
+
+    d = sub.add_parser("download", help="download and verify a bundle to storage, to install later")
+    d.add_argument("source", metavar="URL|FILE", help="a bundle (http, https, file:// or a path); with --latest, a feed")
+    d.add_argument("--latest", action="store_true", help="SOURCE is a release feed: download its newest release")
+    d.add_argument("--force", action="store_true", help="even the version that is running")
+    d.add_argument("--allow-downgrade", action="store_true", help="a version older than the running one")
+    d.set_defaults(run=cmd_download)
+
+    x = sub.add_parser("cancel", help="take back a staged update before the reboot (a running download stops)")
+    x.add_argument("--discard", action="store_true", help="remove the downloaded bundle too (never the fallback)")
+    x.set_defaults(run=cmd_cancel)
+
+    t = sub.add_parser("token", help="print the access token of reflashd's TCP listener (made on first use)")
+    t.set_defaults(run=cmd_token)
 
     c = sub.add_parser("check", help="say whether a release feed has a newer release")
     c.add_argument("feed", metavar="FEED", help="releases.json (URL or path), or the directory holding it")

@@ -27,7 +27,47 @@ DEFAULT_OS_RELEASE = Path("/etc/os-release")
 
 
 KNOWN = {"product", "keys", "cfg", "storage", "storage_disk", "bundles", "os_release", "health_dir",
-         "trial_time_limit", "health_timeout"}
+         "trial_time_limit", "health_timeout", "daemon"}
+
+
+DEFAULT_SOCKET = Path("/run/reflash/reflashd.sock")
+
+
+DAEMON_KNOWN = {"socket", "listen", "feed"}
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """`[daemon]`: where `reflashd` listens and which release feed its page checks."""
+
+    socket: Path = DEFAULT_SOCKET  # root only; `reflashctl` looks for the daemon here
+    listen: tuple[str, int] | None = None  # host and port of the TCP listener; off unless configured
+    feed: str | None = None  # the release feed the page checks (a URL or a path)
+
+    @classmethod
+    def from_dict(cls, data: object, source: str) -> DaemonConfig:
+        if not isinstance(data, dict):
+            raise Rejected(f"{source}: [daemon] must be a table")
+        unknown = sorted(set(data) - DAEMON_KNOWN)
+        if unknown:
+            log.warning("%s: ignoring unknown setting daemon.%s", source, ", daemon.".join(unknown))
+        socket = data.get("socket", str(DEFAULT_SOCKET))
+        if not isinstance(socket, str) or not Path(socket).is_absolute():
+            raise Rejected(f"{source}: daemon.socket must be an absolute path")
+        feed = data.get("feed")
+        if feed is not None and (not isinstance(feed, str) or not feed):
+            raise Rejected(f"{source}: daemon.feed must be a non-empty string")
+        listen = data.get("listen")
+        return cls(socket=Path(socket), listen=None if listen is None else parse_listen(listen, source), feed=feed)
+
+
+def parse_listen(value: object, source: str) -> tuple[str, int]:
+    """`"0.0.0.0:8080"`, `"[::1]:8080"` -> (host, port)."""
+    host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise Rejected(f"{source}: daemon.listen must be HOST:PORT, not {value!r}")
+    return host, int(port)
 
 
 @dataclass(frozen=True)
@@ -42,6 +82,7 @@ class SystemConfig:
     health_dir: Path = Path("/etc/recovery/health.d")  # the product's health checks, run before confirming
     trial_time_limit: float = 300.0  # seconds after boot a release on trial has to confirm, else it reboots
     health_timeout: float = 60.0  # seconds each health check may take
+    daemon: DaemonConfig = DaemonConfig()
 
     @property
     def bundle_dir(self) -> Path:
@@ -97,6 +138,7 @@ class SystemConfig:
             storage_disk=text("storage_disk", "PARTLABEL=storage"),
             bundles=bundles,
             os_release=absolute("os_release", str(DEFAULT_OS_RELEASE)),
+            daemon=DaemonConfig.from_dict(data.get("daemon", {}), source),
         )
 
     def running_version(self) -> str | None:

@@ -43,6 +43,9 @@ PARTIAL = ".partial"
 FreeSpace = Callable[[Path], int]
 
 
+Report = Callable[[int, int | None], None]  # (bytes in the partial file, expected total or None), per chunk
+
+
 def free_space(path: Path) -> int:
     """Bytes available to us (not to root's reserve) on the file system holding `path`."""
     return int(psutil.disk_usage(os.fspath(path)).free)
@@ -133,6 +136,9 @@ class _Unreachable(Rejected):
     """The server could not be reached at all: says nothing against a partial file from an earlier try."""
 
 
+Unreachable = _Unreachable  # for callers that tell a server that is down from a bad source (reflashd: 502)
+
+
 class _RangeNotSatisfiable(Exception):
     def __init__(self, total: int | None) -> None:
         super().__init__(f"range not satisfiable (size {total})")
@@ -148,21 +154,25 @@ def download(
     free: FreeSpace = free_space,
     timeout: float = TIMEOUT,
     progress: bool = True,
+    report: Report | None = None,
 ) -> Transfer:
     """Fetch `source` into `partial`, resuming a remote transfer from the bytes already there.
 
     `size` is the expected size when the caller knows it (from a feed) and the server does not say.
     Errors: `Rejected` when the source is bad or the disk too small (the partial file is removed),
     `Interrupted` when a good transfer broke off (the partial file stays, to be resumed).
+    `report` is called after every chunk; an exception it raises stops the transfer (a `Rejected`
+    one removes the partial file, an `Interrupted` one keeps it).
     """
     where = where or partial.parent
     existed = partial.exists()
     target = _Target(partial, where)
     try:
         if source.scheme.remote:
-            received, resumed_at = _http(source, target, size=size, free=free, timeout=timeout, progress=progress)
+            received, resumed_at = _http(source, target, size=size, free=free, timeout=timeout, progress=progress,
+                                         report=report)
         else:
-            received, resumed_at = _copy(source, target, free=free, progress=progress), 0
+            received, resumed_at = _copy(source, target, free=free, progress=progress, report=report), 0
         total = target.size
         target.close(sync=True)
         return Transfer(partial, total, received, resumed_at)
@@ -243,7 +253,8 @@ def _content_range(value: str | None) -> tuple[int | None, int | None] | None:
 
 
 def _http(
-    source: Source, target: _Target, *, size: int | None, free: FreeSpace, timeout: float, progress: bool
+    source: Source, target: _Target, *, size: int | None, free: FreeSpace, timeout: float, progress: bool,
+    report: Report | None = None,
 ) -> tuple[int, int]:
     """Returns (bytes received, offset resumed at)."""
     offset = target.size
@@ -268,7 +279,8 @@ def _http(
                 log.info("the server sent an unexpected range: starting over")
                 response.close()
                 target.truncate()
-                return _http(source, target, size=size, free=free, timeout=timeout, progress=progress)
+                return _http(source, target, size=size, free=free, timeout=timeout, progress=progress,
+                             report=report)
             log.info("resuming %s at %d MiB", source.name, offset // MiB)
         elif offset:
             log.info("the server does not resume (HTTP %d): starting over", response.status)
@@ -280,7 +292,7 @@ def _http(
             remaining = max(size - offset, 0)
         if remaining is not None:
             check_space(target.path.parent, remaining, where=target.where, free=free)
-        return _pump(response, target, remaining, source, progress=progress, offset=offset), offset
+        return _pump(response, target, remaining, source, progress=progress, offset=offset, report=report), offset
 
 
 def _pump(
@@ -291,16 +303,21 @@ def _pump(
     *,
     progress: bool,
     offset: int,
+    report: Report | None = None,
 ) -> int:
     total = offset + remaining if remaining is not None else None
     # http.client returns a short body without complaint: the length is ours to check.
-    return _move(response.read, target, remaining, f"downloading {source.name}", progress=progress,
-                 failed=lambda have, why: _interrupted(source, offset + have, total, why))
+    # read1: whatever one read brings (up to CHUNK), so that progress and a stop come at a slow
+    # server's pace too, not once per full chunk.
+    return _move(response.read1, target, remaining, f"downloading {source.name}", progress=progress,
+                 failed=lambda have, why: _interrupted(source, offset + have, total, why), report=report,
+                 report_total=total)
 
 
 def _move(
     read: Callable[[int], bytes], target: _Target, length: int | None, label: str, *, progress: bool,
     failed: Callable[[int, str], UpdateError], bar_total: int | None = None,
+    report: Report | None = None, report_total: int | None = None,
 ) -> int:
     """Copy `length` bytes (None: to the end) from `read` into `target`, CHUNK by CHUNK, with a progress
     bar; a read that fails, or ends before `length`, raises `failed(bytes so far, why)`."""
@@ -320,6 +337,8 @@ def _move(
         moved += len(data)
         if bar:
             bar.update(len(data))
+        if report is not None:
+            report(target.size, report_total)
     if bar:
         bar.finish()
     return moved
@@ -333,7 +352,7 @@ def _interrupted(source: Source, have: int, total: int | None, why: str) -> Inte
     )
 
 
-def _copy(source: Source, target: _Target, *, free: FreeSpace, progress: bool) -> int:
+def _copy(source: Source, target: _Target, *, free: FreeSpace, progress: bool, report: Report | None = None) -> int:
     assert source.path is not None
     try:
         f = open(source.path, "rb")
@@ -349,7 +368,8 @@ def _copy(source: Source, target: _Target, *, free: FreeSpace, progress: bool) -
         size = os.fstat(f.fileno()).st_size
         check_space(target.path.parent, size, where=target.where, free=free)
         return _move(f.read, target, None, f"copying {source.name}", progress=progress, bar_total=size,
-                     failed=lambda have, why: Rejected(f"cannot read {source.path}: {why}"))
+                     failed=lambda have, why: Rejected(f"cannot read {source.path}: {why}"), report=report,
+                     report_total=size)
 
 
 def fetch(source: Source, *, limit: int = 4 * MiB, timeout: float = TIMEOUT) -> bytes:

@@ -34,7 +34,7 @@ from recovery.updated.feeds import load_feed
 from recovery.updated.feedstate import check_fresh, read_state, remember
 from recovery.updated.sysconfig import SystemConfig
 from recovery.updated.source import Source
-from recovery.updated.transfer import PARTIAL, FreeSpace, download, free_space
+from recovery.updated.transfer import PARTIAL, FreeSpace, Report, download, free_space
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,10 @@ Reboot = Callable[[], None]
 
 
 Clock = Callable[[], datetime]
+
+
+class Busy(Rejected):
+    """Another update operation holds the bundle directory: nothing was done."""
 
 
 def utc_now() -> datetime:
@@ -97,16 +101,9 @@ class Updater:
         A bundle older than the running version is refused unless `allow_downgrade`, which the
         instruction then carries (the recovery refuses a downgrade it does not).
         """
-        config = self.config
         source = location if isinstance(location, Source) else Source.parse(location)
-        keyring = Keyring.load(config.keys)  # before any download: a system without keys cannot verify
-        if not config.storage.is_dir():
-            raise Rejected(f"the storage partition is not mounted at {config.storage}")
-        directory = config.bundle_dir
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise Rejected(f"cannot create {directory}: {e.strerror or e}") from None
+        keyring = Keyring.load(self.config.keys)  # before any download: a system without keys cannot verify
+        directory = self.bundle_directory()
         with self._lock(directory):
             in_place = self._in_storage(source)
             if in_place is not None:
@@ -138,6 +135,17 @@ class Updater:
             self._prune(directory, keep=bundle)
         return staged
 
+    def bundle_directory(self) -> Path:
+        """The bundle directory on the mounted storage partition, made when missing."""
+        if not self.config.storage.is_dir():
+            raise Rejected(f"the storage partition is not mounted at {self.config.storage}")
+        directory = self.config.bundle_dir
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise Rejected(f"cannot create {directory}: {e.strerror or e}") from None
+        return directory
+
     def _in_storage(self, source: Source) -> Path | None:
         """The local file itself when it lies on the storage partition already (no copy is needed)."""
         if source.path is None:
@@ -157,7 +165,7 @@ class Updater:
             return None
         return path
 
-    def _fetch(self, source: Source, directory: Path, release: Release | None) -> Path:
+    def _fetch(self, source: Source, directory: Path, release: Release | None, report: Report | None = None) -> Path:
         name = source.name
         partial = directory / (name + PARTIAL)
         verb = "Downloading" if source.scheme.remote else "Copying"
@@ -165,7 +173,7 @@ class Updater:
             try:
                 transfer = download(
                     source, partial, where=self.config.storage, size=release.size if release else None,
-                    free=self.free, progress=self.progress,
+                    free=self.free, progress=self.progress, report=report,
                 )
             except Rejected as e:
                 kept = [p for p in sorted(self._kept()) if p.is_file()]
@@ -254,11 +262,21 @@ class Updater:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise Rejected("another reflashctl install is running") from None
+                    raise Busy("another update operation is running (reflashctl or reflashd)") from None
                 raise
             yield
         finally:
             os.close(fd)
+
+    def busy(self) -> bool:
+        """Whether an update operation (of any process) holds the bundle directory right now."""
+        try:
+            with self._lock(self.config.bundle_dir):
+                return False
+        except Busy:
+            return True
+        except OSError:
+            return False  # no bundle directory: nothing can be running in it
 
     # --- feeds -----------------------------------------------------------------------------------
 

@@ -294,16 +294,18 @@ def status(system: System, capsys) -> tuple[list[str], dict]:
 
 def test_status_with_nothing_staged(system: System, capsys) -> None:
     lines, data = status(system, capsys)
-    assert lines == ["running: demo-appliance 1.0.0", "staged: nothing",
+    assert lines == ["running: demo-appliance 1.0.0", "state: idle", "staged: nothing",
                      "fallback: none (a failed trial cannot be rolled back)", "last update: none recorded"]
     assert data == {"product": PRODUCT, "version": "1.0.0", "staged": None, "staged_error": None, "last_result": None,
-                    "trial": None, "trial_error": None, "fallback": None, "rolled_back": {}}
+                    "trial": None, "trial_error": None, "fallback": None, "rolled_back": {}, "state": "idle",
+                    "download": None, "download_error": None, "reboot_at": None, "busy": False}
 
 
 def test_status_with_an_update_staged(system: System, releases: Releases, capsys) -> None:
     assert reflashctl(system, capsys, "install", str(releases.bundles["2.0.0"]), "--no-reboot")[0] == 0
     lines, data = status(system, capsys)
-    assert lines[1] == ("staged: 2.0.0 from /bundles/demo-appliance-2.0.0.bundle on PARTLABEL=storage; "
+    assert lines[1] == "state: staged 2.0.0"
+    assert lines[2] == ("staged: 2.0.0 from /bundles/demo-appliance-2.0.0.bundle on PARTLABEL=storage; "
                         "installed at the next reboot")
     assert data["staged"]["version"] == "2.0.0"
     assert data["staged"]["file"] == "/bundles/demo-appliance-2.0.0.bundle"
@@ -313,7 +315,7 @@ def test_status_with_an_update_staged(system: System, releases: Releases, capsys
 def test_status_with_an_unreadable_instruction(system: System, capsys) -> None:
     system.config.instruction.write_bytes(b"garbage")
     lines, data = status(system, capsys)
-    assert lines[1].startswith("staged: unreadable instruction: ")
+    assert lines[2].startswith("staged: unreadable instruction: ")
     assert data["staged"] is None and data["staged_error"]
 
 
@@ -385,7 +387,7 @@ def test_one_install_at_a_time(system: System, releases: Releases, capsys) -> No
         code, _, err = reflashctl(system, capsys, "install", str(releases.bundles["2.0.0"]), "--no-reboot")
     finally:
         os.close(fd)
-    assert (code, err) == (1, "rejected: another reflashctl install is running\n")
+    assert (code, err) == (1, "rejected: another update operation is running (reflashctl or reflashd)\n")
     assert system.leftovers() == [] and not system.config.instruction.exists()
 
 
@@ -414,7 +416,8 @@ def test_an_upgrade_writes_no_allow_downgrade(system: System, releases: Releases
 
 def test_usage_errors_exit_2(capsys) -> None:
     assert main([], reboot=Reboots()) == 2
-    assert main(["install"], reboot=Reboots()) == 2
+    assert main(["download"], reboot=Reboots()) == 2
+    assert main(["install", "--no-such-option"], reboot=Reboots()) == 2
 
 
 def test_console_script_runs(system: System) -> None:
