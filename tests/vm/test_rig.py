@@ -5,6 +5,7 @@ The kernel and busybox come from Debian's archive (`apt-get download`), cached i
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -100,8 +101,16 @@ def _fetch() -> Path:
             pytest.skip(f"no kernel for the rig: {e}")
         return cached[-1].parent
     dest = CACHE / package
-    if (dest / "complete").exists():
-        return dest
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # Both xdist workers open this session fixture at once: one fetches, the other waits for it.
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (dest / "complete").exists():
+            _fetch_into(package, dest)
+    return dest
+
+
+def _fetch_into(package: str, dest: Path) -> None:
     shutil.rmtree(dest, ignore_errors=True)
     work = dest / "work"
     work.mkdir(parents=True)
@@ -117,7 +126,6 @@ def _fetch() -> Path:
     (dest / "modules.order").write_text("".join(f"{ko.stem}\n" for ko in modules))
     shutil.rmtree(work)
     (dest / "complete").write_text(package + "\n")
-    return dest
 
 
 def _initramfs(fetched: Path, dest: Path) -> Path:

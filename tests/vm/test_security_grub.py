@@ -132,7 +132,7 @@ def test_grub_still_passes_its_own_counts(
     step = m.expect(FIRST_STEP, RECOVERY).group(0).strip()
     assert step.startswith("recovery: rescue shell"), step
     status, cmdline = m.shell("cat /proc/cmdline")
-    assert status == 0 and "recovery.mode=rescue recovery.try=3 console=" in cmdline, cmdline
+    assert status == 0 and "recovery.mode=rescue recovery.try=3 panic=10 console=" in cmdline, cmdline
     scenario.note(f"/proc/cmdline in the rescue shell: {cmdline.strip()}")
     m.power_cut()
     assert vm_disk.read_file("cfg", INSTRUCTION) == counted
