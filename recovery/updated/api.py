@@ -235,7 +235,10 @@ async def post_install(request: web.Request) -> web.Response:
     service = service_of(request)
     doc = await body(request)
     when = field(doc, "reboot", str)
-    at = reboot_time(when, service.clock()) if when is not None else None
+    try:
+        at = reboot_time(when, service.clock()) if when is not None else None
+    except Rejected as e:
+        raise BadRequest(str(e)) from None
     service.claim("an install")
     try:
         staged = await service.blocking(lambda: service.ops.install(reboot_at=at))

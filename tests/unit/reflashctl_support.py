@@ -107,6 +107,7 @@ class ServerState:
     send_length: bool = True
     status_override: int | None = None  # answer every request that finds its file with this error
     redirects: dict[str, str] = field(default_factory=dict)  # path -> Location of a 302
+    pause: float = 0.0  # seconds between 64 KiB pieces of a body: a slow server, for downloads to watch
     requests: list[dict[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -162,7 +163,15 @@ def _handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
                 self.wfile.flush()
                 self.close_connection = True
                 return
-            self.wfile.write(part)
+            if state.pause:
+                import time
+
+                for i in range(0, len(part), 64 * 1024):
+                    self.wfile.write(part[i:i + 64 * 1024])
+                    self.wfile.flush()
+                    time.sleep(state.pause)
+            else:
+                self.wfile.write(part)
             if not state.send_length:
                 self.close_connection = True
 
