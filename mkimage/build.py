@@ -20,6 +20,7 @@ from .bundle import create_bundle, generate_keys
 from .config import ImageConfig, MiB
 from .disk import Placement, assemble, make_ext4
 from .grub import BOOTLOADER, esp_volume_id, install_bios, make_core_images
+from .outlock import hold_output
 from .recoveryos import build_recovery_os
 from .system import build_system_base, prepare_system_tree
 from .toollog import tool_log
@@ -47,7 +48,9 @@ class BuildResult:
 def build(config: ImageConfig) -> BuildResult:
     """Build DIR/disk.img, a bundle per release, DIR/keys/ and DIR/recovery/ (DIR: config.output)."""
     out = config.output
-    with step(f"Building {config.product} {config.version} ({config.firmware}) into {out}"), \
+    # Held to the end, taken before anything is written: a second build into `out` would delete this
+    # one's work directory under it.
+    with hold_output(out), step(f"Building {config.product} {config.version} ({config.firmware}) into {out}"), \
             _recovery_first(config) as (work, keys_dir, private, recovery_dir):
         base = build_system_base(config)
         public = sorted(keys_dir.glob("*.pub"))
@@ -70,7 +73,8 @@ def build(config: ImageConfig) -> BuildResult:
 
 def build_recovery_only(config: ImageConfig) -> Path:
     """DIR/recovery/: vmlinuz, initrd.img, an ext4 image of the partition and the GRUB snippet."""
-    with step(f"Building the recovery partition of {config.product} into {config.output / 'recovery'}"), \
+    with hold_output(config.output), \
+            step(f"Building the recovery partition of {config.product} into {config.output / 'recovery'}"), \
             _recovery_first(config) as (_, _, _, recovery_dir):
         return recovery_dir
 
@@ -80,7 +84,6 @@ def _recovery_first(config: ImageConfig) -> Iterator[tuple[Path, Path, Path, Pat
     """What both builds start with, in an empty work directory that is removed again at the end:
     (work directory, keys directory, private key, the recovery partition's directory)."""
     out = config.output
-    out.mkdir(parents=True, exist_ok=True)
     work = out / ".work"
     _clean(work)
     (out / BUILD_LOG).unlink(missing_ok=True)
