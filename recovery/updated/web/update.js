@@ -70,7 +70,8 @@ function render(s) {
     $("progress-text").textContent = "";
   }
   const busy = s.operation !== null;
-  $("download").disabled = busy || downloading || s.state === "staged" || !(release && release.available);
+  const have = d && d.phase === "downloaded" && release && d.version === release.newest.version;
+  $("download").disabled = busy || downloading || have || s.state === "staged" || !(release && release.available);
   $("install").disabled = busy || s.state !== "downloaded";
   $("cancel").disabled = !(s.state === "staged" || downloading || (d && d.phase === "downloaded"));
   if (s.state !== "downloaded") $("confirm-box").hidden = true;
