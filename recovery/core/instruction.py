@@ -381,15 +381,20 @@ def clear_try(path: str | Path) -> Instruction:
     block, extra variables included, stays as it was. Returns the instruction as it now stands."""
     path = Path(path)
     data = _read_block(path)
-    instruction = parse_instruction(data)
-    if instruction.try_count is None:
-        return instruction
-    env = parse_envblock(data)
+    try:
+        env = parse_envblock(data)
+    except Rejected as e:
+        raise e.context("instruction") from None
+    if KEY_TRY not in env:
+        return parse_instruction(data)
+    # A counter GRUB cannot read (garbage, out of range) is what this command exists to clear; the
+    # rest of the block must still be a valid instruction, or there is nothing to retry.
     del env[KEY_TRY]
+    instruction = Instruction.from_env(env)
     try:
         block = format_envblock(env)
     except Rejected as e:
         raise e.context("instruction") from None
     _check_room(block, None)
     _replace(path, block)
-    return replace(instruction, try_count=None)
+    return instruction

@@ -316,6 +316,16 @@ def test_clear_try(tmp_path: Path) -> None:
     assert path.stat().st_ino == inode
 
 
+@pytest.mark.parametrize("garbage", ["x", "0", "4", "99999999999999999999", ""])
+def test_clear_try_clears_a_counter_grub_cannot_read(tmp_path: Path, garbage: str) -> None:
+    path = tmp_path / "update-instruction"
+    path.write_bytes(block(recovery_try=garbage))
+    with pytest.raises(Rejected, match="recovery_try"):
+        parse_instruction(path.read_bytes())
+    assert clear_try(path) == parse_instruction(block())
+    assert path.read_bytes() == block()
+
+
 def test_clear_try_refuses_a_malformed_instruction(tmp_path: Path) -> None:
     path = tmp_path / "update-instruction"
     path.write_bytes(block(recovery_try="2", recovery_sha256="bad"))
