@@ -70,6 +70,14 @@ class Trial:
 
 
 @dataclass(frozen=True)
+class Daemon:
+    """`[daemon]`: the update service's TCP listener (off when empty) and the feed its page checks."""
+
+    listen: str = ""  # HOST:PORT, e.g. "0.0.0.0:8080"; every request on it needs the access token
+    feed: str = ""  # a URL; empty: the page asks for none and `reflashctl check FEED` names one
+
+
+@dataclass(frozen=True)
 class ImageConfig:
     """Everything one `reflash build` needs to know, resolved and checked."""
 
@@ -88,6 +96,7 @@ class ImageConfig:
     releases: tuple[str, ...]
     device_timeout: int = 30
     trial: Trial = Trial()
+    daemon: Daemon = Daemon()
 
     @property
     def disk_size(self) -> int:
@@ -105,10 +114,11 @@ class ImageConfig:
 
 _KEYS = {
     "product", "version", "releases", "suite", "mirror", "security_mirror", "firmware", "key_dir",
-    "output", "cache", "device_timeout", "partitions", "packages", "disk_size", "trial",
+    "output", "cache", "device_timeout", "partitions", "packages", "disk_size", "trial", "daemon",
 }
 _PACKAGE_KEYS = {"system", "recovery"}
 _TRIAL_KEYS = {"boots", "time_limit", "health_timeout"}
+_DAEMON_KEYS = {"listen", "feed"}
 
 
 def default_toml() -> dict[str, Any]:
@@ -151,10 +161,11 @@ def _overlay(defaults: dict[str, Any], user: dict[str, Any], where: str) -> dict
         raise Rejected(f"config {where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_KEYS))})")
     merged = dict(defaults)
     for key, value in user.items():
-        if key in ("partitions", "packages", "trial"):
+        if key in ("partitions", "packages", "trial", "daemon"):
             if not isinstance(value, dict):
                 raise Rejected(f"config {where}: [{key}] must be a table")
-            known = {"partitions": set(PARTITION_NAMES), "packages": _PACKAGE_KEYS, "trial": _TRIAL_KEYS}[key]
+            known = {"partitions": set(PARTITION_NAMES), "packages": _PACKAGE_KEYS, "trial": _TRIAL_KEYS,
+                     "daemon": _DAEMON_KEYS}[key]
             bad = sorted(set(value) - known)
             if bad:
                 raise Rejected(f"config {where}: unknown key {key}.{bad[0]} (known: {', '.join(sorted(known))})")
@@ -201,7 +212,22 @@ def _parse(data: dict[str, Any], base: Path, output: Path | None) -> ImageConfig
         releases=releases_t,
         device_timeout=timeout,
         trial=_trial(data.get("trial", {})),
+        daemon=_daemon(data.get("daemon", {})),
     )
+
+
+def _daemon(table: Any) -> Daemon:
+    if not isinstance(table, dict):
+        raise ValueError("[daemon] must be a table")
+    listen, feed = table.get("listen", ""), table.get("feed", "")
+    if not isinstance(listen, str) or not isinstance(feed, str):
+        raise ValueError("daemon.listen and daemon.feed must be strings")
+    host, _, port = listen.rpartition(":")
+    if listen and (not host or not port.isdigit() or not 0 < int(port) < 65536):
+        raise ValueError(f"daemon.listen {listen!r}: HOST:PORT, e.g. \"0.0.0.0:8080\"")
+    if any(c in listen + feed for c in '"\\\n'):
+        raise ValueError("daemon.listen and daemon.feed must not contain quotes, backslashes or newlines")
+    return Daemon(listen=listen, feed=feed)
 
 
 def _trial(table: Any) -> Trial:

@@ -180,7 +180,21 @@ def _system_toml(config: ImageConfig) -> str:
         'health_dir = "/etc/recovery/health.d"\n'
         f"trial_time_limit = {config.trial.time_limit}\n"
         f"health_timeout = {config.trial.health_timeout}\n"
+        + _daemon_toml(config)
     )
+
+
+def _daemon_toml(config: ImageConfig) -> str:
+    """`[daemon]` for reflashd (recovery/updated/sysconfig.py), when the image config sets it."""
+    daemon = config.daemon
+    if not daemon.listen and not daemon.feed:
+        return ""
+    lines = ["\n[daemon]\n"]
+    if daemon.listen:
+        lines.append(f'listen = "{daemon.listen}"\n')
+    if daemon.feed:
+        lines.append(f'feed = "{daemon.feed}"\n')
+    return "".join(lines)
 
 
 def _ready_script(config: ImageConfig, version: str) -> str:
