@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
@@ -28,6 +28,10 @@ class Source:
     scheme: Scheme
     url: str  # for a local file: its path, as given
     path: Path | None = None  # local files only
+    # Sent with every request to this source's own URL but never after a redirect (a fleet server's
+    # device token); kept out of repr so that it is never logged.
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
+    filename: str | None = None  # the file's name when the URL does not end in it (a fleet server's artifact)
 
     @classmethod
     def parse(cls, text: str) -> Source:
@@ -50,7 +54,9 @@ class Source:
     @property
     def name(self) -> str:
         """The file name the source ends in; it names the staged file, so it must be a plain name."""
-        if self.path is not None:
+        if self.filename is not None:
+            name = self.filename
+        elif self.path is not None:
             name = self.path.name
         else:
             name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlsplit(self.url).path)).name

@@ -224,6 +224,8 @@ def _open(source: Source, offset: int, timeout: float) -> http.client.HTTPRespon
     if offset:
         headers["Range"] = f"bytes={offset}-"
     request = urllib.request.Request(source.url, headers=headers)
+    for key, value in source.headers:
+        request.add_unredirected_header(key, value)  # a redirect elsewhere does not get the token
     opener = urllib.request.build_opener(_Redirects(source))
     try:
         return opener.open(request, timeout=timeout)  # the scheme is checked in Source.parse, redirects above
