@@ -10,19 +10,15 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service as DriverService
-from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
 
 from mkimage.publish import publish
 from recovery.core.instruction import read_instruction
 from recovery.core.result import Outcome, Result, write_result
 
+from .browser import Page, chromium
 from .reflashctl_support import Releases, ServerState, System, http_server
 from .reflashd_support import Daemon, running_daemon
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 NAME = "demo-appliance-2.0.0.bundle"
 NOTES = "Faster boot.\nFixes the clock."
 
@@ -44,50 +40,16 @@ def daemon(system: System, server: tuple[ServerState, str]) -> Iterator[Daemon]:
 
 @pytest.fixture
 def browser() -> Iterator[webdriver.Chrome]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,900"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=DriverService(executable_path=str(CHROMEDRIVER)), options=options)
-    try:
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
-class Page:
-    def __init__(self, driver: webdriver.Chrome, daemon: Daemon, shots: Path) -> None:
-        self.driver, self.daemon, self.shots = driver, daemon, shots
-        shots.mkdir(exist_ok=True)
-
-    def open(self) -> None:
-        self.driver.get(f"http://127.0.0.1:{self.daemon.port}/")
-
-    def el(self, id_: str):  # noqa: ANN201 - a selenium WebElement
-        return self.driver.find_element(By.ID, id_)
-
-    def text(self, id_: str) -> str:
-        return self.el(id_).text
-
-    def until(self, what, timeout: float = 30) -> None:  # noqa: ANN001 - a condition on the page
-        WebDriverWait(self.driver, timeout, poll_frequency=0.05).until(lambda _: what())
-
-    def sign_in(self, token: str) -> None:
-        self.until(lambda: self.el("access").is_displayed())
-        field = self.el("token")
-        field.clear()
-        field.send_keys(token)
-        self.el("token-save").click()
-
-    def shot(self, name: str) -> Path:
-        path = self.shots / f"{name}.png"
-        self.driver.save_screenshot(str(path))
-        print(f"screenshot: {path}")
-        return path
+def page_of(browser: webdriver.Chrome, daemon: Daemon, tmp_path: Path) -> Page:
+    return Page(browser, f"http://127.0.0.1:{daemon.port}/", tmp_path / "screenshots")
 
 
 def test_a_wrong_token_shows_the_refusal(browser, daemon: Daemon, tmp_path: Path) -> None:
-    page = Page(browser, daemon, tmp_path / "screenshots")
+    page = page_of(browser, daemon, tmp_path)
     page.open()
     page.sign_in("not-the-token")
     page.until(lambda: "wrong or missing access token" in page.text("refusal"))
@@ -101,24 +63,24 @@ def test_download_install_and_cancel_from_the_page(browser, daemon: Daemon, serv
     state, _url = server
     state.pause = 0.06  # about 3 s for the bundle: the bar has time to move
     system = daemon.system
-    page = Page(browser, daemon, tmp_path / "screenshots")
+    page = page_of(browser, daemon, tmp_path)
     page.open()
     page.sign_in(daemon.token)
     page.until(lambda: page.text("newest-version") == "2.0.0")
     assert page.text("running") == "demo-appliance 1.0.0"
     assert page.text("notes") == NOTES
     assert page.el("rss").get_attribute("href").endswith("/updates/releases.rss")
-    assert page.el("state").get_attribute("data-state") == "idle"
+    assert page.state() == "idle"
     page.until(lambda: page.el("download").is_enabled())
     assert not page.el("install").is_enabled()
     page.shot("release-notes")
 
     page.el("download").click()
-    page.until(lambda: page.el("state").get_attribute("data-state") == "downloading"
+    page.until(lambda: page.state() == "downloading"
                and 0 < int(page.el("progress").get_attribute("value")) < 100)
     assert page.el("progress").is_displayed() and "MiB" in page.text("progress-text")
     page.shot("downloading")
-    page.until(lambda: page.el("state").get_attribute("data-state") == "downloaded")
+    page.until(lambda: page.state() == "downloaded")
     assert page.el("progress").get_attribute("value") == "100"
     assert page.text("state") == "downloaded 2.0.0: ready to install"
     assert (system.bundles / NAME).is_file() and not system.config.instruction.exists()
@@ -132,7 +94,7 @@ def test_download_install_and_cancel_from_the_page(browser, daemon: Daemon, serv
     assert not system.config.instruction.exists()  # asking is not doing
     page.shot("confirm-install")
     page.el("confirm-install").click()
-    page.until(lambda: page.el("state").get_attribute("data-state") == "staged")
+    page.until(lambda: page.state() == "staged")
     assert "rebooting into the recovery" in page.text("message")
     assert read_instruction(system.config.instruction).version == "2.0.0"
     page.until(lambda: len(daemon.reboots) == 1, timeout=5)
@@ -140,7 +102,7 @@ def test_download_install_and_cancel_from_the_page(browser, daemon: Daemon, serv
 
     page.until(lambda: page.el("cancel").is_enabled())
     page.el("cancel").click()
-    page.until(lambda: page.el("state").get_attribute("data-state") == "downloaded")
+    page.until(lambda: page.state() == "downloaded")
     assert "cancelled the staged update to 2.0.0" in page.text("message")
     assert not system.config.instruction.exists() and (system.bundles / NAME).is_file()
     page.shot("cancelled")
@@ -152,7 +114,7 @@ def test_the_page_shows_why_the_last_update_was_rolled_back(browser, daemon: Dae
         Outcome.rolled_back, from_version="2.0.1", to_version="1.0.0",
         reason="2.0.1 did not confirm within 3 boots: boot 3: health check 50-app failed (exit status 3)",
         finished="2026-01-01T00:00:41+00:00"))
-    page = Page(browser, daemon, tmp_path / "screenshots")
+    page = page_of(browser, daemon, tmp_path)
     page.open()
     page.sign_in(daemon.token)
     page.until(lambda: page.el("last").get_attribute("data-outcome") == "rolled-back")
