@@ -27,7 +27,7 @@ DEFAULT_OS_RELEASE = Path("/etc/os-release")
 
 
 KNOWN = {"product", "keys", "cfg", "storage", "storage_disk", "bundles", "os_release", "health_dir",
-         "trial_time_limit", "health_timeout", "daemon"}
+         "trial_time_limit", "health_timeout", "daemon", "fleet"}
 
 
 DEFAULT_SOCKET = Path("/run/reflash/reflashd.sock")
@@ -70,6 +70,81 @@ def parse_listen(value: object, source: str) -> tuple[str, int]:
     return host, int(port)
 
 
+FLEET_KNOWN = {"server", "tenant", "controller_id", "token_file", "gateway_token", "hardware", "timeout",
+               "retry_max", "progress_interval", "max_attempts"}
+
+
+DEFAULT_FLEET_TOKEN = Path("/cfg/reflashctl/fleet-token")
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """`[fleet]`: the hawkBit DDI server this appliance reports to (reflash-fleet); off unless set.
+
+    The token is not here: it is read from `token_file` (root's alone) when it is used, so that no
+    printed or logged configuration can carry it."""
+
+    server: str  # http(s)://host[:port][/prefix]
+    controller_id: str
+    tenant: str = "DEFAULT"
+    token_file: Path = DEFAULT_FLEET_TOKEN
+    gateway_token: bool = False  # the file holds the tenant's gateway token, not this device's target token
+    hardware: str = "default"  # reported as hw_revision: the server matches software against it
+    timeout: float = 30.0  # seconds per request
+    retry_max: float = 3600.0  # the longest wait between tries while the server is unusable
+    progress_interval: float = 10.0  # seconds between progress feedbacks of a download
+    max_attempts: int = 10  # downloads of one action that may break off before the action fails
+
+    @classmethod
+    def from_dict(cls, data: object, source: str) -> FleetConfig:
+        if not isinstance(data, dict):
+            raise Rejected(f"{source}: [fleet] must be a table")
+        unknown = sorted(set(data) - FLEET_KNOWN)
+        if unknown:
+            log.warning("%s: ignoring unknown setting fleet.%s", source, ", fleet.".join(unknown))
+
+        def text(key: str, default: str | None = None) -> str:
+            value = data.get(key, default)
+            if not isinstance(value, str) or not value or any(c.isspace() or ord(c) < 32 for c in value):
+                raise Rejected(f"{source}: fleet.{key} must be a non-empty string without spaces")
+            return value
+
+        def number(key: str, default: float) -> float:
+            value = data.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise Rejected(f"{source}: fleet.{key} must be a positive number")
+            return float(value)
+
+        server = text("server").rstrip("/")
+        if not (server.startswith("http://") or server.startswith("https://")) or "?" in server or "#" in server:
+            raise Rejected(f"{source}: fleet.server must be an http:// or https:// URL, not {server!r}")
+        token_file = Path(text("token_file", str(DEFAULT_FLEET_TOKEN)))
+        if not token_file.is_absolute():
+            raise Rejected(f"{source}: fleet.token_file must be an absolute path")
+        gateway = data.get("gateway_token", False)
+        if not isinstance(gateway, bool):
+            raise Rejected(f"{source}: fleet.gateway_token must be true or false")
+        return cls(server=server, controller_id=text("controller_id"), tenant=text("tenant", "DEFAULT"),
+                   token_file=token_file, gateway_token=gateway, hardware=text("hardware", "default"),
+                   timeout=number("timeout", 30), retry_max=number("retry_max", 3600),
+                   progress_interval=number("progress_interval", 10),
+                   max_attempts=int(number("max_attempts", 10)))
+
+    def read_token(self) -> str:
+        """The token, from a file no one but its owner may read (else it is refused, not used)."""
+        try:
+            fd = os.open(self.token_file, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as e:
+            raise Rejected(f"cannot read the fleet token {self.token_file}: {e.strerror or e}") from None
+        with os.fdopen(fd, "rb") as f:
+            if os.fstat(f.fileno()).st_mode & 0o077:
+                raise Rejected(f"the fleet token {self.token_file} is readable by others: chmod 600 it")
+            token = f.read(4097).decode("ascii", errors="replace").strip()
+        if not token or len(token) > 4096 or any(not c.isprintable() or c.isspace() for c in token):
+            raise Rejected(f"the fleet token {self.token_file} is empty or not one printable word")
+        return token
+
+
 @dataclass(frozen=True)
 class SystemConfig:
     product: str
@@ -83,6 +158,7 @@ class SystemConfig:
     trial_time_limit: float = 300.0  # seconds after boot a release on trial has to confirm, else it reboots
     health_timeout: float = 60.0  # seconds each health check may take
     daemon: DaemonConfig = DaemonConfig()
+    fleet: FleetConfig | None = None  # no [fleet]: the appliance reports to no fleet server
 
     @property
     def bundle_dir(self) -> Path:
@@ -139,6 +215,7 @@ class SystemConfig:
             bundles=bundles,
             os_release=absolute("os_release", str(DEFAULT_OS_RELEASE)),
             daemon=DaemonConfig.from_dict(data.get("daemon", {}), source),
+            fleet=FleetConfig.from_dict(data["fleet"], source) if "fleet" in data else None,
         )
 
     def running_version(self) -> str | None:
