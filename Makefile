@@ -10,9 +10,10 @@ DEB_PACKAGES := python3 python3-venv python3-pip \
 	qemu-system-x86 qemu-utils ovmf grub-pc-bin grub-efi-amd64-bin grub-common \
 	mmdebstrap mtools dosfstools e2fsprogs kmod binutils parted libparted-dev pkg-config \
 	libarchive13 zstd xz-utils gzip tar acl attr libcap2-bin cpio uidmap coreutils \
-	python3-aiohttp chromium chromium-driver
+	python3-aiohttp chromium chromium-driver \
+	debhelper dh-python dpkg-dev fakeroot lintian python3-setuptools
 
-.PHONY: setup test test-unit test-vm demo bench reliability clean
+.PHONY: setup test test-unit test-vm demo bench reliability clean deb
 
 setup: .stamp-debs $(VENV)/.stamp
 
@@ -53,6 +54,11 @@ RELIABILITY_TESTS := tests/unit/test_instruction_fuzz.py tests/unit/test_bundle_
 reliability: setup
 	RELIABILITY=full $(PY) -m pytest -q -p tests.reliability --reliability-table docs/reliability.md \
 		-n $(VM_JOBS) $(RELIABILITY_TESTS)
+
+# The appliance side as out/reflash-appliance_<version>_all.deb, built in a temporary directory and
+# checked by lintian (its errors fail the build). tests/unit/test_deb.py does the same in `make test`.
+deb: setup
+	$(VENV)/bin/reflash deb -o out
 
 demo: setup
 	$(VENV)/bin/reflash demo
