@@ -17,6 +17,7 @@ from vm.cli import add_commands as add_rig_commands
 from .build import build, build_recovery_only
 from .bundle import create_bundle, generate_keys
 from .config import load_config
+from .deb import build_deb
 from .publish import notes_for, parse_duration, publish
 from .toollog import tool_log
 
@@ -50,6 +51,13 @@ def cmd_recovery(args: argparse.Namespace) -> int:
     with tool_log(verbose=args.verbose):
         recovery = build_recovery_only(load_config(args.config, output=args.output))
     print(f"wrote {recovery}/: vmlinuz, initrd.img, recovery.ext4 (the partition), grub-recovery.cfg")
+    return 0
+
+
+def cmd_deb(args: argparse.Namespace) -> int:
+    deb = build_deb(args.output)
+    notes = f", lintian: {len(deb.lintian)} warnings and notes (above), no errors" if deb.lintian else ", lintian: clean"
+    print(f"wrote {deb.path}{notes}")
     return 0
 
 
@@ -126,6 +134,10 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--verbose", action="store_true",
                        help="show mmdebstrap's and apt's output as it comes (else: in DIR/build.log)")
         c.set_defaults(run=fn)
+
+    d = sub.add_parser("deb", help="build the appliance side's Debian package (reflash-appliance) and lint it")
+    d.add_argument("-o", "--output", type=Path, default=Path("out"), help="output directory (default: out/)")
+    d.set_defaults(run=cmd_deb)
 
     v = sub.add_parser("verify", help="verify a bundle in full against a key directory; writes nothing")
     v.add_argument("--keys", type=Path, required=True, help="a directory of trusted public keys (*.pub)")
