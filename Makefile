@@ -15,7 +15,9 @@ DEB_PACKAGES := python3 python3-venv python3-pip \
 
 .PHONY: setup test test-unit test-vm demo bench reliability clean deb
 
-setup: .stamp-debs $(VENV)/.stamp
+GOOSEBIT_VENV := .venv-goosebit
+
+setup: .stamp-debs $(VENV)/.stamp $(GOOSEBIT_VENV)/.stamp
 
 .stamp-debs: Makefile
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -28,6 +30,13 @@ setup: .stamp-debs $(VENV)/.stamp
 $(VENV)/.stamp: pyproject.toml .stamp-debs
 	/usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+# gooseBit, the DDI server the fleet client's tests run against, with our plugin, in a venv of its own:
+# it needs newer libraries from PyPI than Debian's, which the project's venv takes.
+$(GOOSEBIT_VENV)/.stamp: integrations/goosebit-reflash/pyproject.toml .stamp-debs
+	/usr/bin/python3 -m venv $(GOOSEBIT_VENV)
+	$(GOOSEBIT_VENV)/bin/pip install -q goosebit==0.2.12 -e ./integrations/goosebit-reflash
 	@touch $@
 
 # `make test` keeps a fast subset of the fault scenarios; the full matrix is `make reliability`.
@@ -67,4 +76,4 @@ bench: setup
 	$(PY) -m bench
 
 clean:
-	rm -rf out .stamp-debs $(VENV)
+	rm -rf out .stamp-debs $(VENV) $(GOOSEBIT_VENV)
