@@ -18,6 +18,7 @@ from recovery.core.trial import BundleRef, write_fallback
 
 from .bundle import create_bundle, generate_keys
 from .config import ImageConfig, MiB
+from .deb import build_deb
 from .disk import Placement, assemble, make_ext4
 from .grub import BOOTLOADER, esp_volume_id, install_bios, make_core_images
 from .outlock import hold_output
@@ -53,11 +54,12 @@ def build(config: ImageConfig) -> BuildResult:
     with hold_output(out), step(f"Building {config.product} {config.version} ({config.firmware}) into {out}"), \
             _recovery_first(config) as (work, keys_dir, private, recovery_dir):
         base = build_system_base(config)
+        deb = build_deb(work / "deb").path
         public = sorted(keys_dir.glob("*.pub"))
         bundles: dict[str, Path] = {}
         versions = list(dict.fromkeys([config.version, *config.releases]))
         for version in versions:
-            tree = prepare_system_tree(base, config, version, work / f"system-{version}", public)
+            tree = prepare_system_tree(base, config, version, work / f"system-{version}", public, deb)
             if version in config.releases:
                 bundle = out / f"{config.product}-{version}.bundle"
                 with step(f"Making the bundle {bundle.name}"):

@@ -1,5 +1,5 @@
-"""The project inside the images: each image gets the shared core and its own program, with its command:
-the recovery OS `recovery.os` (`recovery`), the system `recovery.updated` (`reflashctl`)."""
+"""The project inside the recovery OS: the shared core and `recovery.os`, with its command `recovery`.
+(The system gets the core and `recovery.updated` as the reflash-appliance package: mkimage/deb.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 # program -> (its command, the module whose main() it runs)
-PROGRAMS = {"os": ("recovery", "recovery.os.cli"), "updated": ("reflashctl", "recovery.updated.cli")}
+PROGRAMS = {"os": ("recovery", "recovery.os.cli")}
 
 
 def install_project(root: Path, program: str) -> None:

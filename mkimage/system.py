@@ -1,4 +1,7 @@
-"""The demo system: a small Debian that boots fast under TCG, runs `reflashctl` and says when it is up."""
+"""The demo system: a small Debian that boots fast under TCG, runs `reflashctl` and says when it is up.
+
+The project comes in as any image builder adds it: the reflash-appliance package (mkimage/deb.py),
+installed with dpkg into the cached Debian root, which already holds the package's dependencies."""
 
 from __future__ import annotations
 
@@ -10,11 +13,10 @@ from recovery.core.output import step
 from recovery.core.run import run
 
 from .config import ImageConfig
+from .deb import PACKAGE, dependencies
 from .modules import SYSTEM_MODULES, trim_modules
-from .project import install_project
 from .rootfs import RootfsSpec, build_rootfs, kernel_version
-
-UNITS = Path(__file__).resolve().parent.parent / "recovery/updated/units"
+from .toollog import run_logged
 
 # Only what a virtual or plain PC disk needs at boot: initramfs-tools' "most" would make the
 # initrd several times bigger and GRUB slower to load it.
@@ -73,7 +75,8 @@ def system_spec(config: ImageConfig) -> RootfsSpec:
         name="system",
         suite=config.suite,
         sources=config.apt_sources,
-        packages=config.system_packages,
+        # The package's own dependencies too, whatever the configuration lists: dpkg installs it offline.
+        packages=tuple(dict.fromkeys([*config.system_packages, *dependencies()])),
         # In place before the kernel package, whose postinst then makes the small initrd once.
         files=(
             ("etc/initramfs-tools/conf.d/mkimage.conf", INITRAMFS_CONF, 0o644),
@@ -87,10 +90,11 @@ def build_system_base(config: ImageConfig) -> Path:
     return build_rootfs(system_spec(config), config.cache)
 
 
-def prepare_system_tree(base: Path, config: ImageConfig, version: str, dest: Path, keys: list[Path]) -> Path:
+def prepare_system_tree(base: Path, config: ImageConfig, version: str, dest: Path, keys: list[Path],
+                        deb: Path) -> Path:
     """Copy the cached base to `dest` and make it release `version` of the product.
 
-    `keys` are the public keys `reflashctl` trusts.
+    `keys` are the public keys `reflashctl` trusts; `deb` is the reflash-appliance package.
     """
     with step(f"Preparing the system tree {config.product} {version}"):
         if dest.exists():
@@ -114,15 +118,23 @@ def prepare_system_tree(base: Path, config: ImageConfig, version: str, dest: Pat
             link.unlink(missing_ok=True)
             link.symlink_to("/dev/null")
         _enable(dest, "multi-user.target", "/lib/systemd/system/systemd-networkd.service")
-        _install_units(dest)
-        (dest / "etc/recovery/health.d").mkdir(parents=True, exist_ok=True)
         _write(dest / "etc/machine-id", "")
+        install_package(dest, deb)
+        # The package's skeleton made the product's: dpkg keeps it on upgrades as an edited conffile.
         _write(dest / "etc/recovery/system.toml", _system_toml(config))
         for key in keys:
-            (dest / "etc/recovery/keys").mkdir(parents=True, exist_ok=True)
             shutil.copy2(key, dest / "etc/recovery/keys" / key.name)
-        install_project(dest, "updated")
     return dest
+
+
+def install_package(root: Path, deb: Path) -> None:
+    """dpkg -i into `root`: its maintainer scripts run chrooted there, enable the units and byte-compile."""
+    with step(f"Installing {deb.name}"):
+        run_logged(["dpkg", f"--root={root}", "--force-unsafe-io", "--install", str(deb)], what="dpkg")
+        status = run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f=${db:Status-Status}", PACKAGE],
+                     check=False)
+        if status.returncode or status.stdout.decode() != "installed":
+            raise Failed(f"{deb.name} is not installed in the system tree after dpkg --install")
 
 
 def _enable(root: Path, target: str, unit: str) -> None:
@@ -130,16 +142,6 @@ def _enable(root: Path, target: str, unit: str) -> None:
     wants.parent.mkdir(parents=True, exist_ok=True)
     wants.unlink(missing_ok=True)
     wants.symlink_to(unit)
-
-
-def _install_units(root: Path) -> None:
-    """The trial's units (recovery/updated/units), enabled where their [Install] section says."""
-    for unit in sorted(UNITS.glob("*.service")):
-        text = unit.read_text()
-        _write(root / "etc/systemd/system" / unit.name, text)
-        for line in text.splitlines():
-            if line.startswith("WantedBy="):
-                _enable(root, line.split("=", 1)[1].strip(), f"/etc/systemd/system/{unit.name}")
 
 
 def _boot_links(root: Path, kver: str) -> None:

@@ -18,10 +18,12 @@ _REPO = Path(__file__).resolve().parent.parent
 def image_inputs_hash() -> str:
     """A hash of everything in the repository a built image depends on: reuse the image while it holds."""
     h = hashlib.sha256()
-    for top in ("recovery", "mkimage", "bootloader"):
+    for top in ("recovery", "mkimage", "bootloader", "packaging"):
         for path in sorted((_REPO / top).rglob("*")):
             if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
                 h.update(str(path.relative_to(_REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    # The package's version and commands (mkimage/deb.py) come from pyproject.toml.
+    h.update((_REPO / "pyproject.toml").read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -7,6 +7,7 @@ image from the session's `built_image` fixture.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -184,8 +185,15 @@ def test_demo_system_is_release_1(built_image, demo_fs):
     os_release = debugfs(demo_fs["system"], "cat /usr/lib/os-release")
     assert f'VERSION_ID="{config.version}"' in os_release
     assert "vmlinuz" in debugfs(demo_fs["system"], "ls /boot") and "initrd.img" in debugfs(demo_fs["system"], "ls /boot")
-    commands = debugfs(demo_fs["system"], "ls /usr/local/bin")
-    assert "reflashctl" in commands and "recovery" not in commands.split()
+    # the project came as the reflash-appliance package: its commands in /usr/bin, its units enabled by it
+    commands = debugfs(demo_fs["system"], "ls /usr/bin").split()
+    assert "reflashctl" in commands and "reflashd" in commands and "recovery" not in commands
+    assert "reflashctl" not in debugfs(demo_fs["system"], "ls /usr/local/bin")
+    status = debugfs(demo_fs["system"], "cat /var/lib/dpkg/status")
+    assert re.search(r"^Package: reflash-appliance\nStatus: install ok installed$", status, re.M), status[-2000:]
+    for target, unit in (("sysinit", "reflash-trial-guard"), ("multi-user", "reflash-confirm")):
+        wants = debugfs(demo_fs["system"], f"stat /etc/systemd/system/{target}.target.wants/{unit}.service")
+        assert f"Fast link dest: \"/lib/systemd/system/{unit}.service\"" in wants, wants
     # the system carries the shared core and its own program, not the recovery OS's
     package = debugfs(demo_fs["system"], "ls /usr/lib/python3/dist-packages/recovery").split()
     assert "core" in package and "updated" in package and "os" not in package
