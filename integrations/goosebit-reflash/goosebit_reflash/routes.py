@@ -13,9 +13,9 @@ import secrets
 import shutil
 
 from anyio import Path, to_thread
-from fastapi import APIRouter, File, Form, HTTPException, Security, UploadFile
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Security, UploadFile
 from fastapi.requests import Request
-from goosebit.auth import validate_user_permissions
+from goosebit.auth import validate_current_user, validate_user_permissions
 from goosebit.auth.permissions import GOOSEBIT_PERMISSIONS
 from goosebit.db.models import Hardware, Software, SoftwareImageFormat
 from goosebit.storage import storage
@@ -23,7 +23,8 @@ from goosebit.util.path import validate_filename
 
 from .manifest import NotABundle, read_info
 
-router = APIRouter(tags=["reflash"])
+# Signed-in users only, as gooseBit's own /api (its permission check alone would fail on no user at all).
+router = APIRouter(tags=["reflash"], dependencies=[Depends(validate_current_user)])
 
 SUFFIX = ".bundle"
 
