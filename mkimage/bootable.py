@@ -4,14 +4,16 @@ another builder are judged by exactly what the recovery will write.
 
 What the boot menu and the kernel need (bootloader/grub.cfg, DESIGN.md "Bootable trees"): a kernel and
 an initrd where GRUB loads them, an init where the kernel looks for one, and an os-release whose
-VERSION_ID is the version the bundle is signed as.
+VERSION_ID is the version the bundle is signed as. A stock Debian tree has its kernel and initrd only
+behind the links /vmlinuz and /initrd.img: `boot_links` names the links the bundle step adds for GRUB.
 """
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass, field
 
-from recovery.core.boottree import INITRD, INITS, KERNEL, resolve
+from recovery.core.boottree import DEBIAN_LINKS, INITRD, INITS, KERNEL, resolve, why_not
 from recovery.core.errors import Rejected
 from recovery.core.osrelease import OsRelease
 
@@ -40,6 +42,30 @@ class TreeIndex:
         """`path` with every symlink on the way followed inside the tree; None if it leads nowhere."""
         return resolve(path, lambda here: self.kinds.get(here, (None, None)))
 
+    def lookup(self, here: str) -> tuple[str | None, str | None]:
+        return self.kinds.get(here, (None, None))
+
+    def why_not_file(self, path: str) -> str:
+        """Why `path` is no file of the tree, in words."""
+        found = self.resolve(path)
+        if found is not None:
+            return f"/{path} leads to /{found}, which is a {self.kinds[found][0]}, not a file"
+        return why_not(path, self.lookup)
+
+    def boot_links(self) -> list[tuple[str, str]]:
+        """(path, relative target) of the links the boot menu needs and a Debian tree has only at its
+        root: /boot/vmlinuz -> vmlinuz-6.1.0-18-amd64 where /vmlinuz leads to /boot/vmlinuz-6.1.0-18-amd64.
+        Only where nothing is at the boot menu's path yet and /boot is a directory of the tree."""
+        if self.kinds.get("boot", (None, None))[0] != "dir":
+            return []
+        links = []
+        for path, debian in DEBIAN_LINKS.items():
+            if path not in self.kinds and self.is_file(debian):
+                found = self.resolve(debian)
+                assert found is not None
+                links.append((path, posixpath.relpath(found, posixpath.dirname(path))))
+        return links
+
     def is_file(self, path: str) -> bool:
         found = self.resolve(path)
         return found is not None and self.kinds[found][0] in ("file", "hardlink")
@@ -56,8 +82,19 @@ def check_bootable(index: TreeIndex, version: str) -> None:
     """Rejected, in one line naming every miss, unless the tree can boot as release `version`."""
     missing = []
     for path, what in ((KERNEL, "kernel"), (INITRD, "initrd")):
-        if not index.is_file(path):
-            missing.append(f"no {what} at /{path}, which the boot menu loads")
+        if index.is_file(path):
+            continue
+        miss = f"no {what} at /{path}, which the boot menu loads"
+        debian = DEBIAN_LINKS[path]
+        if path in index.kinds:
+            missing.append(f"{miss} ({index.why_not_file(path)})")
+        elif index.is_file(debian):  # boot_links adds no link below a /boot that is not a directory
+            missing.append(f"{miss}; Debian's link /{debian} leads to /{index.resolve(debian)}, but /boot is no "
+                           f"directory of the tree to add /{path} to")
+        elif debian in index.kinds:
+            missing.append(f"{miss}, and Debian's link /{debian} leads to no file ({index.why_not_file(debian)})")
+        else:
+            missing.append(f"{miss}, nor Debian's link /{debian}")
     if not any(index.is_file(path) for path in INITS):
         missing.append(f"no init at {', '.join('/' + p for p in INITS)}, where the kernel looks")
     release = index.os_release()

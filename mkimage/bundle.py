@@ -136,11 +136,16 @@ def create_bundle(
             else:
                 _payload_from_tar(source, payload, comp)
         with step("Counting and hashing the payload"):
-            index = TreeIndex() if check_boot else None
+            index = TreeIndex()
             files, nbytes = _counted_with_numbered_acls(payload, comp, source, index)
             if files == 0:
                 raise Rejected(f"source {source} holds no entries: a bundle of it would install nothing")
-            if index is not None:
+            if links := index.boot_links():
+                _add_links(payload, comp, links, int(datetime.fromisoformat(created).timestamp()))
+                for path, target in links:
+                    index.add(path, "symlink", target)
+                files += len(links)
+            if check_boot:
                 check_bootable(index, version)
             size, blocks = _block_digests(payload)
         manifest = Manifest(
@@ -287,6 +292,23 @@ def _copy_entries(reader: TarReader, writer: PaxWriter, each: Callable[[int], ob
         each(entry)
         # read_data fills sparse holes with zeros; the pax writer skips them again by the entry's map.
         writer.copy(entry, reader.data(CHUNK))
+
+
+def _add_links(payload: Path, comp: Compression, links: list[tuple[str, str]], mtime: int) -> None:
+    """The payload again with `links` (path, target) at its end: the boot menu's /boot/vmlinuz and
+    /boot/initrd.img in a tree that has only Debian's /vmlinuz and /initrd.img."""
+    with step(f"Adding {', '.join(f'/{path} -> {target}' for path, target in links)} for the boot menu "
+              "(where Debian's links at the root lead)"):
+        name, options = _LIBARCHIVE_FILTER.get(comp, (None, ""))
+        with _temp_next_to(payload, ".links") as fresh:
+            try:
+                with TarReader(payload) as reader, PaxWriter(fresh, name, options) as writer:
+                    _copy_entries(reader, writer, lambda entry: None)
+                    for path, target in links:
+                        writer.symlink(path, target, mtime)
+            except ArchiveError as e:
+                raise Rejected(f"cannot add the boot menu's links to the payload: {e}") from None
+            os.replace(fresh, payload)
 
 
 def _block_digests(path: Path) -> tuple[int, BlockDigests]:

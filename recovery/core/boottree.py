@@ -7,6 +7,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 KERNEL, INITRD = "boot/vmlinuz", "boot/initrd.img"  # what bootloader/grub.cfg loads
+# Debian's own links to the newest kernel and initrd (linux-update-symlinks, without link_in_boot):
+# `reflash bundle` adds KERNEL and INITRD pointing where these lead when a tree has only these.
+DEBIAN_LINKS = {KERNEL: "vmlinuz", INITRD: "initrd.img"}
 INITS = ("sbin/init", "etc/init", "bin/init")  # where the kernel looks for init, in its order
 MAX_LINKS = 40
 
@@ -36,3 +39,36 @@ def resolve(path: str, lookup: Lookup) -> str | None:
             continue
         done.append(part)
     return "/".join(done)
+
+
+def why_not(path: str, lookup: Lookup) -> str:
+    """Why `path` leads nowhere (resolve gave None), in words for a one-line refusal."""
+    todo, done, hops, via, absolute = [p for p in path.split("/") if p not in ("", ".")], [], 0, False, False
+    while todo:
+        part = todo.pop(0)
+        if part == "..":
+            if not done and via:
+                return "a link on the way points outside the tree (.. past its root)"
+            if done:
+                done.pop()
+            continue
+        here = "/".join([*done, part])
+        kind, target = lookup(here)
+        if kind is None:
+            return f"/{here} is not in the tree" + (" (an absolute link is read from the tree's root, not the "
+                                                    "build host's)" if absolute else "")
+        if kind == "symlink":
+            hops += 1
+            if hops > MAX_LINKS:
+                return f"more than {MAX_LINKS} links on the way (a loop?)"
+            if not target:
+                return f"/{here} is an empty link"
+            via = True
+            todo = [p for p in target.split("/") if p not in ("", ".")] + todo
+            if target.startswith("/"):
+                done, absolute = [], True
+            continue
+        if todo and kind != "dir":
+            return f"/{here} is not a directory"
+        done.append(part)
+    return f"/{'/'.join(done)} is not a file"

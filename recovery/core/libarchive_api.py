@@ -105,6 +105,27 @@ _write_close = fn("write_close", ctypes.c_int, ctypes.c_void_p)
 _write_free = fn("write_free", ctypes.c_int, ctypes.c_void_p)
 
 
+_entry_new = fn("entry_new", ctypes.c_void_p)
+
+
+_entry_free = fn("entry_free", None, ctypes.c_void_p)
+
+
+_entry_set_pathname = fn("entry_set_pathname", None, ctypes.c_void_p, ctypes.c_char_p)
+
+
+_entry_set_symlink = fn("entry_set_symlink", None, ctypes.c_void_p, ctypes.c_char_p)
+
+
+_entry_set_filetype = fn("entry_set_filetype", None, ctypes.c_void_p, ctypes.c_uint)
+
+
+_entry_set_perm = fn("entry_set_perm", None, ctypes.c_void_p, ctypes.c_uint)
+
+
+_entry_set_mtime = fn("entry_set_mtime", None, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_long)
+
+
 def _check(archive: int, result: int) -> int:
     """A result below ARCHIVE_WARN is a failure (a warning, such as a name that is not UTF-8, is not)."""
     if result < ARCHIVE_WARN:
@@ -182,6 +203,20 @@ class PaxWriter:
             if _write_data(self.archive, (ctypes.c_char * len(block)).from_buffer(block), len(block)) < 0:
                 _check(self.archive, ARCHIVE_FATAL)
         _check(self.archive, _write_finish_entry(self.archive))
+
+    def symlink(self, path: str, target: str, mtime: int) -> None:
+        """A new symbolic link entry `path` -> `target`, owned by root (uid and gid 0), mode 0777."""
+        entry = _entry_new()
+        try:
+            _entry_set_pathname(entry, os.fsencode(path))
+            _entry_set_filetype(entry, AE_IFLNK)
+            _entry_set_perm(entry, 0o777)
+            _entry_set_symlink(entry, os.fsencode(target))
+            _entry_set_mtime(entry, mtime, 0)
+            _check(self.archive, _write_header(self.archive, entry))
+            _check(self.archive, _write_finish_entry(self.archive))
+        finally:
+            _entry_free(entry)
 
     def __enter__(self) -> PaxWriter:
         return self
