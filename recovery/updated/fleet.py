@@ -175,7 +175,7 @@ class Fleet:
             return None
         if record.step == Step.downloaded and self._staged_is(record):
             # Cut between the instruction and the record of it: the instruction is the truth.
-            record = replace(record, step=Step.staged, result_before=record.result_before)
+            record = replace(record, step=Step.staged)
             write_record(self.cfg, record)
         if record.step == Step.staged:
             decided = self.verdict(record)
@@ -280,8 +280,14 @@ class Fleet:
             return
         if deployment.download == Handling.skip:
             return
+        if self.config.instruction.exists():
+            # Someone staged an update on the appliance itself: theirs goes first, this one waits.
+            log.info("fleet: action %s waits: an update is staged on the appliance", deployment.id)
+            return
         if record is None or not record.is_for(deployment.id, key) or record.step == Step.closed:
             record = FleetRecord(deployment.id, key, self._version(deployment), artifact.filename, Step.downloading)
+        elif record.step == Step.downloaded and not self._still_downloaded(record):
+            record = replace(record, step=Step.downloading)  # replaced or removed locally meanwhile: again
         if record.step == Step.downloading:
             record = self._download(deployment, record)
             if record is None:
@@ -296,6 +302,13 @@ class Fleet:
                     f"{record.version} is downloaded; it is installed in the maintenance window"])
             return
         self._install(deployment, record)
+
+    def _still_downloaded(self, record: FleetRecord) -> bool:
+        """Whether the operations' downloaded bundle is still this record's (an operator may have
+        downloaded another since): `install` stages whatever that is."""
+        state = self.ops.state().download
+        return (state is not None and state.phase == Phase.downloaded and state.file == record.file
+                and (self.config.bundle_dir / record.file).is_file())
 
     def _version(self, deployment: Deployment) -> str:
         return deployment.chunks[0].version
@@ -331,7 +344,9 @@ class Fleet:
             if poll.cancel is not None:
                 self._cancel(poll.cancel, record)
             return None
-        except (Busy, Interrupted, Unreachable):
+        except Busy:
+            raise  # a local operation runs: not this download's fault
+        except (Interrupted, Unreachable):
             attempts = record.attempts + 1
             if attempts >= self.fleet.max_attempts:
                 self._fail(deployment.id, record.artifact, deployment,
@@ -369,7 +384,10 @@ class Fleet:
         return None
 
     def _install(self, deployment: Deployment, record: FleetRecord) -> None:
-        before = result_digest(self.cfg)
+        # The result before the instruction, recorded first: a cut right after the instruction still
+        # tells the recovery's new verdict from an old one.
+        record = replace(record, result_before=result_digest(self.cfg))
+        write_record(self.cfg, record)
         try:
             staged = self.ops.install()
         except Busy:
@@ -377,7 +395,7 @@ class Fleet:
         except UpdateError as e:
             self._fail(deployment.id, record.artifact, deployment, f"{e.kind}: {one_line(e)}")
             return
-        write_record(self.cfg, replace(record, step=Step.staged, result_before=before))
+        write_record(self.cfg, replace(record, step=Step.staged))
         self.controller.feedback(deployment.id, Execution.proceeding, details=[
             f"staged {staged.version}: rebooting into the recovery to install it"])
         log.info("fleet: staged %s %s; rebooting into the recovery", staged.product, staged.version)

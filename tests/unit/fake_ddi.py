@@ -29,10 +29,14 @@ class FakeDdi:
     requests: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def executions(self, kind: str = "deploymentBase") -> list[str]:
+    def executions(self, kind: str = "deploymentBase", *, progress: bool = False) -> list[str]:
+        """`execution/finished` of each feedback, in order; progress reports (as many as the timing
+        makes) only with `progress`, marked `+progress`."""
         with self.lock:
-            return [body["status"]["execution"] + ("/" + body["status"]["result"]["finished"])
-                    for path, body in self.feedback if f"/{kind}/" in path]
+            return [body["status"]["execution"] + "/" + body["status"]["result"]["finished"]
+                    + ("+progress" if "progress" in body["status"]["result"] else "")
+                    for path, body in self.feedback
+                    if f"/{kind}/" in path and (progress or "progress" not in body["status"]["result"])]
 
     def details(self) -> list[str]:
         with self.lock:

@@ -361,6 +361,7 @@ def test_a_cancel_during_the_download_stops_it(fake: tuple[FakeDdi, Fleet], rele
     monkeypatch.setattr(fleet, "_while_downloading", then_cancel)
     fleet.cycle()
     assert ddi.executions("cancelAction") == ["closed/success"]
+    assert ddi.executions(progress=True) == ["proceeding/none", "proceeding/none+progress"]
     assert not fleet.config.instruction.exists() and [p for p in fleet.config.bundle_dir.iterdir()
                                                       if p.name.endswith((".bundle", ".partial"))] == []
 
@@ -384,3 +385,52 @@ def test_status_command(system: System, tmp_path: Path, capsys: pytest.CaptureFi
     out = capsys.readouterr().out
     assert out.startswith(f"server: http://127.0.0.1:9 tenant DEFAULT as {DEVICE}\naction: none")
     assert TOKEN not in out
+
+
+def test_a_cut_between_the_instruction_and_its_record(fake: tuple[FakeDdi, Fleet], releases: Releases,
+                                                      system: System) -> None:
+    ddi, fleet = fake
+    offer(ddi, releases.bundles["2.0.0"], update="skip")
+    fleet.cycle()
+    fleet.ops.install()  # the instruction is written, and the client dies before it records it
+    assert read_record(system.config.cfg).step == Step.downloaded  # type: ignore[union-attr]
+    offer(ddi, releases.bundles["2.0.0"])
+    restarted = client(SystemConfig.load(system.config_path), fleet.status_path.parent)
+    restarted.cycle()
+    assert read_record(system.config.cfg).step == Step.staged  # type: ignore[union-attr]
+    assert restarted.reboot.count == 0  # type: ignore[attr-defined]  # (the cut was before the reboot: it is the next boot)
+    recovery_installs(system)
+    restarted.cycle()
+    assert ddi.executions() == ["proceeding/none", "downloaded/none", "closed/success"]
+
+
+def test_an_instruction_taken_back_on_the_appliance_is_a_failure(fake: tuple[FakeDdi, Fleet], releases: Releases,
+                                                                 system: System) -> None:
+    ddi, fleet = fake
+    offer(ddi, releases.bundles["2.0.0"])
+    fleet.cycle()
+    assert fleet.config.instruction.exists()
+    Operations(Updater(fleet.config)).cancel()  # reflashctl cancel, before the reboot
+    fleet.cycle()
+    assert ddi.executions()[-1] == "closed/failure"
+    assert ddi.details()[-1] == "the staged update to 2.0.0 was cancelled on the appliance"
+
+
+def test_an_update_staged_on_the_appliance_goes_first(fake: tuple[FakeDdi, Fleet], releases: Releases) -> None:
+    ddi, fleet = fake
+    Updater(fleet.config, progress=False).install(str(releases.bundles["1.10.0"]))
+    offer(ddi, releases.bundles["2.0.0"])
+    fleet.cycle()
+    assert ddi.executions() == [] and read_instruction(fleet.config.instruction).version == "1.10.0"
+
+
+def test_a_download_replaced_locally_is_fetched_again(fake: tuple[FakeDdi, Fleet], releases: Releases) -> None:
+    ddi, fleet = fake
+    offer(ddi, releases.bundles["2.0.0"], update="skip")
+    fleet.cycle()
+    fleet.ops.download(str(releases.bundles["1.10.0"]))  # the operator downloads another release
+    offer(ddi, releases.bundles["2.0.0"])
+    fleet.cycle()
+    assert read_instruction(fleet.config.instruction).version == "2.0.0"
+    assert ddi.executions() == ["proceeding/none", "downloaded/none", "proceeding/none", "downloaded/none",
+                                "proceeding/none"]
