@@ -11,7 +11,7 @@ DEB_PACKAGES := python3 python3-venv python3-pip \
 	mmdebstrap mtools dosfstools e2fsprogs kmod binutils parted libparted-dev pkg-config \
 	libarchive13 zstd xz-utils gzip tar acl attr libcap2-bin cpio uidmap coreutils \
 	python3-aiohttp chromium chromium-driver \
-	debhelper dh-python dpkg-dev fakeroot lintian python3-setuptools
+	debhelper dh-python dpkg-dev fakeroot lintian python3-setuptools fdisk
 
 .PHONY: setup test test-unit test-vm demo bench reliability clean deb
 
