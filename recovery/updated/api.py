@@ -19,7 +19,7 @@ from aiohttp import web
 
 from recovery.core.errors import Rejected, UpdateError
 from recovery.updated import apitoken, trial
-from recovery.updated.operations import Cancelled, Operations, Stop, Stopped, reboot_time
+from recovery.updated.operations import Cancelled, Operations, Stop, reboot_time
 from recovery.updated.servicestate import Phase, ServiceState
 from recovery.updated.source import Source
 from recovery.updated.transfer import Interrupted, Unreachable
@@ -130,6 +130,10 @@ class Service:
             await self.blocking(self.reboot_fn)
         except UpdateError as e:
             log.error("cannot reboot: %s", e)
+            return
+        state = self.ops.state()
+        if state.reboot_at is not None:
+            self.ops._save(ServiceState(state.download, None))  # done: a restart must not reboot again
 
     def restore(self) -> None:
         """At start: resume a download that broke off, re-arm a scheduled reboot of a staged update."""
@@ -375,8 +379,6 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
                 return error(415, "refused: a POST must be Content-Type: application/json")
         response = await handler(request)
     except UpdateError as e:
-        if isinstance(e, Stopped):
-            raise
         response = error(http_status(e), f"{e.kind}: {e}", e.kind)
     except web.HTTPException as e:
         if not request.path.startswith("/api/"):

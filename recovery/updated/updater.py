@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -253,17 +254,23 @@ class Updater:
                     log.warning("cannot remove %s: %s", path, e.strerror or e)
 
     @contextmanager
-    def _lock(self, directory: Path) -> Iterator[None]:
+    def _lock(self, directory: Path, *, wait: float = 1.0) -> Iterator[None]:
         # Two installs at once would write one partial file from two places and race on the instruction.
-        # The directory itself is the lock, so no lock file is left lying about.
+        # The directory itself is the lock, so no lock file is left lying about. `wait`: a status that
+        # looks whether the lock is free holds it for a moment; an operation starting then waits that out.
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise Busy("another update operation is running (reflashctl or reflashd)") from None
-                raise
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise Busy("another update operation is running (reflashctl or reflashd)") from None
+                    time.sleep(0.02)
             yield
         finally:
             os.close(fd)
@@ -271,7 +278,7 @@ class Updater:
     def busy(self) -> bool:
         """Whether an update operation (of any process) holds the bundle directory right now."""
         try:
-            with self._lock(self.config.bundle_dir):
+            with self._lock(self.config.bundle_dir, wait=0):
                 return False
         except Busy:
             return True
