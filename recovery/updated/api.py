@@ -175,6 +175,13 @@ def field(doc: dict[str, Any], name: str, kind: type[T], default: T | None = Non
     return value
 
 
+def remote_only(request: web.Request, location: str | None) -> None:
+    """On the TCP listener a source or feed given in the request must be http(s): the network's
+    side has no business naming files on the appliance (the configured feed may be anything)."""
+    if location is not None and request.app["token"] is not None and Source.parse(location).path is not None:
+        raise Rejected(f"{location} is a local file: over the network only http and https sources are taken")
+
+
 def service_of(request: web.Request) -> Service:
     return request.app["service"]
 
@@ -193,6 +200,7 @@ async def get_download(request: web.Request) -> web.Response:
 async def post_check(request: web.Request) -> web.Response:
     service = service_of(request)
     doc = await body(request)
+    remote_only(request, field(doc, "feed", str))
     feed = field(doc, "feed", str) or service.ops.config.daemon.feed
     if not feed:
         raise BadRequest("no feed given and none configured ([daemon] feed in system.toml)")
@@ -211,6 +219,7 @@ async def post_download(request: web.Request) -> web.Response:
         raise BadRequest("give either source (a bundle's URL or path) or latest: true")
     if latest and not feed:
         raise BadRequest("latest needs a feed, and none is configured ([daemon] feed in system.toml)")
+    remote_only(request, source or field(doc, "feed", str))
     service.claim("a download")
     try:
         if latest:

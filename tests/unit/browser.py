@@ -32,10 +32,10 @@ def chromium() -> Iterator[webdriver.Chrome]:
 
 
 class Page:
-    """The update page at `url` in `driver`; screenshots go to `shots`."""
+    """The update page at `url` in `driver`; screenshots go to `shots`, their paths to `say`."""
 
-    def __init__(self, driver: webdriver.Chrome, url: str, shots: Path) -> None:
-        self.driver, self.url, self.shots = driver, url, shots
+    def __init__(self, driver: webdriver.Chrome, url: str, shots: Path, say: Callable[[str], None] = print) -> None:
+        self.driver, self.url, self.shots, self.say = driver, url, shots, say
         shots.mkdir(parents=True, exist_ok=True)
 
     def open(self) -> None:
@@ -63,5 +63,5 @@ class Page:
     def shot(self, name: str) -> Path:
         path = self.shots / f"{name}.png"
         self.driver.save_screenshot(str(path))
-        print(f"screenshot: {path}")
+        self.say(f"screenshot: {path}")
         return path

@@ -299,6 +299,19 @@ def test_refusals_on_tcp_even_with_the_token(daemon: Daemon, server) -> None:
     assert same.status == 200
 
 
+def test_the_tcp_listener_takes_no_local_files(daemon: Daemon, releases: Releases) -> None:
+    bundle = str(releases.bundles["2.0.0"])
+    for path, body in (("/api/download", {"source": bundle}), ("/api/download", {"source": f"file://{bundle}"}),
+                       ("/api/download", {"latest": True, "feed": "/etc"}), ("/api/check", {"feed": "/etc"})):
+        answer = daemon.tcp("POST", path, body)
+        assert answer.status == 422, (path, body, answer.body)
+        assert answer.body["error"].endswith("is a local file: over the network only http and https sources are taken")
+    assert daemon.status()["state"] == "idle" and daemon.system.leftovers() == []
+    # The root-only socket takes them, as reflashctl does.
+    assert daemon.call("POST", "/api/download", {"source": bundle}).status == 202
+    assert daemon.wait(lambda s: s["operation"] is None)["state"] == "downloaded"
+
+
 # --- reflashctl with the daemon ------------------------------------------------------------------
 
 

@@ -44,12 +44,16 @@ def browser() -> Iterator[webdriver.Chrome]:
         yield driver
 
 
-def page_of(browser: webdriver.Chrome, daemon: Daemon, tmp_path: Path) -> Page:
-    return Page(browser, f"http://127.0.0.1:{daemon.port}/", tmp_path / "screenshots")
+def page_of(browser: webdriver.Chrome, daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Page:
+    def say(line: str) -> None:
+        with capsys.disabled():  # in the test's output even when it passes
+            print(f"\n{line}", end="")
+
+    return Page(browser, f"http://127.0.0.1:{daemon.port}/", tmp_path / "screenshots", say)
 
 
-def test_a_wrong_token_shows_the_refusal(browser, daemon: Daemon, tmp_path: Path) -> None:
-    page = page_of(browser, daemon, tmp_path)
+def test_a_wrong_token_shows_the_refusal(browser, daemon: Daemon, tmp_path: Path, capsys) -> None:
+    page = page_of(browser, daemon, tmp_path, capsys)
     page.open()
     page.sign_in("not-the-token")
     page.until(lambda: "wrong or missing access token" in page.text("refusal"))
@@ -59,11 +63,11 @@ def test_a_wrong_token_shows_the_refusal(browser, daemon: Daemon, tmp_path: Path
     assert daemon.status()["state"] == "idle"
 
 
-def test_download_install_and_cancel_from_the_page(browser, daemon: Daemon, server, tmp_path: Path) -> None:
+def test_download_install_and_cancel_from_the_page(browser, daemon: Daemon, server, tmp_path: Path, capsys) -> None:
     state, _url = server
     state.pause = 0.06  # about 3 s for the bundle: the bar has time to move
     system = daemon.system
-    page = page_of(browser, daemon, tmp_path)
+    page = page_of(browser, daemon, tmp_path, capsys)
     page.open()
     page.sign_in(daemon.token)
     page.until(lambda: page.text("newest-version") == "2.0.0")
@@ -109,12 +113,12 @@ def test_download_install_and_cancel_from_the_page(browser, daemon: Daemon, serv
     assert len(daemon.reboots) == 1
 
 
-def test_the_page_shows_why_the_last_update_was_rolled_back(browser, daemon: Daemon, tmp_path: Path) -> None:
+def test_the_page_shows_why_the_last_update_was_rolled_back(browser, daemon: Daemon, tmp_path: Path, capsys) -> None:
     write_result(daemon.system.config.cfg, Result(
         Outcome.rolled_back, from_version="2.0.1", to_version="1.0.0",
         reason="2.0.1 did not confirm within 3 boots: boot 3: health check 50-app failed (exit status 3)",
         finished="2026-01-01T00:00:41+00:00"))
-    page = page_of(browser, daemon, tmp_path)
+    page = page_of(browser, daemon, tmp_path, capsys)
     page.open()
     page.sign_in(daemon.token)
     page.until(lambda: page.el("last").get_attribute("data-outcome") == "rolled-back")
