@@ -137,7 +137,11 @@ class Service:
 
     def restore(self) -> None:
         """At start: resume a download that broke off, re-arm a scheduled reboot of a staged update."""
-        state = self.ops.state()
+        try:
+            state = self.ops.state()
+        except Rejected as e:
+            log.warning("%s", e)  # status says so too; the daemon serves all the same
+            return
         if state.reboot_at is not None:
             if self.ops.config.instruction.exists():
                 self.schedule_reboot(datetime.fromisoformat(state.reboot_at))

@@ -197,7 +197,8 @@ class Operations:
         path = self.directory / record.file
         if not path.is_file():
             raise Rejected(f"the downloaded bundle {path} is gone: download it again")
-        assert record.version and record.sha256 and record.size
+        if not (record.version and record.sha256 and record.size):
+            raise Rejected(f"the download record of {record.file} lacks its version, sha256 or size: download it again")
         expected = Release(record.version, record.file, record.size, record.sha256, created="")
         try:
             staged = self.updater.install(Source(Scheme.file, str(path), path), release=expected,
@@ -234,7 +235,13 @@ class Operations:
                     raise Failed(f"cannot remove {instruction}: {e.strerror or e}") from None
                 checkpoint_journal(self.config.cfg)
                 done.append(f"cancelled {what}")
-            state = self.state()
+            try:
+                state = self.state()
+            except Rejected as e:
+                if not discard:
+                    # The instruction is gone all the same; the record waits for --discard.
+                    return done + [str(e)]
+                state = ServiceState()  # discarded: nothing in it is of use
             if state.reboot_at:
                 done.append(f"the reboot scheduled for {state.reboot_at} is off")
             state = replace(state, reboot_at=None)

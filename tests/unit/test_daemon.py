@@ -18,7 +18,7 @@ import pytest
 
 from mkimage.publish import publish
 from recovery.core.instruction import read_instruction
-from recovery.core.trial import BundleRef, write_fallback
+from recovery.core.trial import BundleRef, Installed, start_trial, write_fallback
 from recovery.updated.cli import main
 
 from .reflashctl_support import STORAGE_DISK, Releases, ServerState, System, http_server
@@ -394,3 +394,35 @@ def test_reflashctl_token_is_made_once_and_root_only(system: System, capsys) -> 
     assert first == second and len(first.strip()) >= 40
     path = system.config.cfg / "reflashctl/daemon-token"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_status_names_a_trial_and_a_broken_record(system: System, capsys) -> None:
+    (system.root / "etc/os-release").write_text('VERSION_ID="2.0.0"\n')
+    Installed(BundleRef("2.0.0", STORAGE_DISK, f"/bundles/{NAME}", "0" * 64), from_version="1.0.0").write(system.config.cfg)
+    start_trial(system.config.cfg, 3)
+    code, out, err = reflashctl(system, capsys, "status")
+    assert code == 0, err
+    assert out.splitlines()[1] == "state: on trial 2.0.0 (on trial, not booted yet (at most 3 boots))"
+    system.bundles.mkdir(parents=True)
+    (system.bundles / "update-state.json").write_text('{"download": {"phase": "downloaded"}, "reboot_at": null}')
+    code, out, err = reflashctl(system, capsys, "status")
+    assert code == 0, err
+    assert any(line.startswith("download: unreadable record: ") and "reflashctl cancel --discard" in line
+               for line in out.splitlines()), out
+    code, out, err = reflashctl(system, capsys, "install", "--no-reboot")
+    assert code == 1 and err.startswith("rejected: ") and "is unreadable" in err
+    code, out, err = reflashctl(system, capsys, "cancel")
+    assert code == 0 and "is unreadable" in out, (out, err)
+    code, out, err = reflashctl(system, capsys, "cancel", "--discard")
+    assert code == 0, err
+    assert not (system.bundles / "update-state.json").exists()
+
+
+def test_the_daemon_starts_beside_an_unreadable_record(system: System, server) -> None:
+    system.bundles.mkdir(parents=True)
+    (system.bundles / "update-state.json").write_text("garbage")
+    with running_daemon(system) as daemon:
+        status = daemon.status()
+        assert status["state"] == "idle" and "is unreadable" in status["download_error"]
+        assert daemon.call("POST", "/api/cancel", {"discard": True}).status == 200
+        assert daemon.status()["download_error"] is None
