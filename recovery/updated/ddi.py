@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 DOCUMENT_CAP = 1024 * 1024  # no DDI document is near this; more is garbage
 USER_AGENT = "reflash-fleet/1"
 MIN_SLEEP, MAX_SLEEP = 1.0, 24 * 3600.0  # what a server's polling.sleep is held to
+ACTION_ID = re.compile(r"-?[0-9A-Za-z_.]{1,64}")  # an id goes into URLs, logs and fleet.json
 
 
 def one_line(text: object, cap: int = 300) -> str:
@@ -178,7 +179,7 @@ class Controller:
         if not isinstance(action, str | int) or isinstance(action, bool) or not isinstance(body, dict):
             raise Garbage("deployment: no id or no deployment object")
         action = str(action)
-        if not re.fullmatch(r"-?[0-9A-Za-z_.]{1,64}", action):
+        if not ACTION_ID.fullmatch(action):
             raise Garbage("deployment: the action id is not a plain name")
         window = body.get("maintenanceWindow")
         if window not in (None, "available", "unavailable"):
@@ -201,8 +202,8 @@ class Controller:
         doc = self._object(self._request("GET", self._own(href)), "cancel action")
         body = doc.get("cancelAction")
         stop = body.get("stopId") if isinstance(body, dict) else None
-        if not isinstance(stop, str | int) or isinstance(stop, bool):
-            raise Garbage("cancel action: no stopId")
+        if not isinstance(stop, str | int) or isinstance(stop, bool) or not ACTION_ID.fullmatch(str(stop)):
+            raise Garbage("cancel action: no stopId, or not a plain name")
         return str(stop)
 
     def cancel_feedback(self, cancel: str, execution: Execution, finished: Finished, details: list[str]) -> None:
@@ -211,7 +212,7 @@ class Controller:
 
     def artifact_source(self, artifact: Artifact) -> Source:
         """Where to download `artifact`: the token only goes to the configured server itself."""
-        source = Source.parse(artifact.href)
+        source = Source.parse(_plain(artifact.href))
         if not source.scheme.remote:
             raise Garbage("artifact: the download link is not http or https")
         if urllib.parse.urlsplit(self.server).scheme == Scheme.https and source.scheme != Scheme.https:
@@ -230,6 +231,7 @@ class Controller:
 
     def _own(self, href: str) -> str:
         """A link the server gave, if it is to the server itself (else the token would go elsewhere)."""
+        _plain(href)
         if not self._same_origin(href) or not urllib.parse.urlsplit(href).path.startswith(
                 urllib.parse.urlsplit(self.base).path + "/"):
             raise Garbage(f"a link outside this controller's resources refused: {one_line(href, 120)}")
@@ -313,7 +315,7 @@ class Controller:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(url, data=data, method=method, headers=headers)
-        where = f"{method} {urllib.parse.urlsplit(url).path}"
+        where = one_line(f"{method} {urllib.parse.urlsplit(url).path}", 200)  # the path may be the server's
         try:
             # No redirects: a DDI resource does not move, and the token must not follow one elsewhere.
             with urllib.request.build_opener(_NoRedirects()).open(request, timeout=self.timeout) as response:
@@ -337,6 +339,14 @@ class Controller:
         if len(raw) > DOCUMENT_CAP:
             raise Garbage(f"{where}: the answer is larger than {DOCUMENT_CAP // 1024} KiB")
         return raw
+
+
+def _plain(href: str) -> str:
+    """A link as a URL may be written: printable ASCII without spaces (a server's control characters
+    never get as far as a request line or a log)."""
+    if not href or any(not 33 <= ord(c) <= 126 for c in href):
+        raise Garbage("a link with spaces, control or non-ASCII characters refused")
+    return href
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):

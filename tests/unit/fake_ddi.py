@@ -57,7 +57,7 @@ class FakeDdi:
     def base(self) -> dict[str, Any]:
         links: dict[str, Any] = {}
         if self.cancel is not None:
-            links["cancelAction"] = {"href": f"{self.url}{BASE}/cancelAction/{self.cancel}"}
+            links["cancelAction"] = {"href": f"{self.url}{BASE}/cancelAction/c1"}
         elif self.deployment is not None:
             links["deploymentBase"] = {"href": f"{self.url}{BASE}/deploymentBase/{self.deployment['id']}?c=1"}
         return {"config": {"polling": {"sleep": self.sleep}}, "_links": links}

@@ -434,3 +434,17 @@ def test_a_download_replaced_locally_is_fetched_again(fake: tuple[FakeDdi, Fleet
     assert read_instruction(fleet.config.instruction).version == "2.0.0"
     assert ddi.executions() == ["proceeding/none", "downloaded/none", "proceeding/none", "downloaded/none",
                                 "proceeding/none"]
+
+
+def test_hostile_ids_and_links_are_garbage_and_never_printed_raw(fake: tuple[FakeDdi, Fleet]) -> None:
+    ddi, fleet = fake
+    ddi.cancel = "7/../../x\x1b[2J"
+    assert 5 <= fleet.cycle() <= 10
+    assert ddi.executions("cancelAction") == []
+    assert "not a plain name" in json.loads(fleet.status_path.read_text())["problem"]
+    ddi.cancel = None
+    ddi.raw_base = json.dumps({"config": {"polling": {"sleep": "00:00:01"}}, "_links": {"deploymentBase": {
+        "href": f"{ddi.url}/DEFAULT/controller/v1/{DEVICE}/deploymentBase/\x1b[2J"}}}).encode()
+    fleet.cycle()
+    assert "a link with spaces, control or non-ASCII characters refused" in json.loads(
+        fleet.status_path.read_text())["problem"]
