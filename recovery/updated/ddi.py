@@ -199,6 +199,8 @@ class Controller:
 
     def cancel_action(self, href: str) -> str:
         """The id of the action the server wants cancelled (`cancelAction.stopId`)."""
+        if not ACTION_ID.fullmatch(action_of(href)):
+            raise Garbage("cancel action: its link does not end in a plain id")
         doc = self._object(self._request("GET", self._own(href)), "cancel action")
         body = doc.get("cancelAction")
         stop = body.get("stopId") if isinstance(body, dict) else None

@@ -29,7 +29,7 @@ from recovery.core.instruction import read_instruction
 from recovery.core.result import RESULT, Outcome, read_result
 from recovery.core.trial import TrialCounter
 from recovery.updated.ddi import (
-    Controller, Deployment, Execution, Finished, Handling, Poll, ServerError, one_line,
+    Controller, Deployment, Execution, Finished, Handling, Poll, ServerError, action_of, one_line,
 )
 from recovery.updated.fleetstate import FleetRecord, Step, Verdict, read_record, write_record
 from recovery.updated.operations import Cancelled, Operations, Stop
@@ -249,15 +249,16 @@ class Fleet:
 
     def _cancel(self, href: str, record: FleetRecord | None) -> None:
         stop = self.controller.cancel_action(href)
+        cancel = action_of(href)  # the cancel action's own id: its feedback goes there
         if record is not None and record.action == stop and record.step in (Step.staged, Step.closing, Step.closed):
             log.info("fleet: the server cancels action %s, but its instruction is written: refused", stop)
-            self.controller.cancel_feedback(stop, Execution.rejected, Finished.failure,
+            self.controller.cancel_feedback(cancel, Execution.rejected, Finished.failure,
                                             ["the update is staged for the recovery: it can no longer be cancelled"])
             return
         if record is not None and record.action == stop:
             self._take_back(record)
         log.info("fleet: cancelled action %s", stop)
-        self.controller.cancel_feedback(stop, Execution.closed, Finished.success, ["cancelled; the download is removed"])
+        self.controller.cancel_feedback(cancel, Execution.closed, Finished.success, ["cancelled; the download is removed"])
 
     def _take_back(self, record: FleetRecord) -> None:
         state = self.ops.state().download

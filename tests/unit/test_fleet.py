@@ -27,7 +27,7 @@ from recovery.updated.operations import Operations
 from recovery.updated.sysconfig import SystemConfig
 from recovery.updated.updater import Updater
 
-from .fake_ddi import DEVICE, TOKEN, FakeDdi, fake_ddi
+from .fake_ddi import BASE, DEVICE, TOKEN, FakeDdi, fake_ddi
 from .goosebit_support import Goosebit, goosebit
 from .reflashctl_support import PRODUCT, Releases, System, refused_url
 
@@ -329,6 +329,7 @@ def test_cancel_before_the_instruction_takes_the_download_back(fake: tuple[FakeD
     ddi.cancel = "7"
     fleet.cycle()
     assert ddi.executions("cancelAction") == ["closed/success"]
+    assert [p for p, _ in ddi.feedback if "/cancelAction/" in p] == [f"{BASE}/cancelAction/c1/feedback"]
     assert not (fleet.config.bundle_dir / releases.bundles["2.0.0"].name).exists()
     assert read_record(fleet.config.cfg) is None
     assert Operations(Updater(fleet.config)).state().download is None
