@@ -6,6 +6,8 @@ Loaded with `-p tests.reliability` (the Makefile's test and reliability targets 
 (seeds, where a power cut landed). Property-based tests count one run per Hypothesis example; tests
 in the hostile-input modules are mapped to scenarios by module. `--reliability-table FILE` writes the
 table at the end of the session, whatever the outcome: it shows failures, it does not hide them.
+With `--reliability-merge`, a session that ran only part of the matrix replaces just its own rows: the
+rows of scenarios it did not run are carried from FILE unchanged, each naming the run it came from.
 """
 
 from __future__ import annotations
@@ -74,6 +76,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--reliability-table", metavar="FILE", default=None,
         help="write the reliability table (markdown) of the scenarios run in this session to FILE",
+    )
+    parser.addoption(
+        "--reliability-merge", action="store_true", default=False,
+        help="keep FILE's rows of the scenarios this session did not run (a partial run of the matrix)",
     )
 
 
@@ -151,7 +157,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     target = session.config.getoption("--reliability-table")
     if target:
-        Path(target).write_text(render(session.config.stash[RESULTS], session.config))
+        path = Path(target)
+        earlier = path.read_text() if session.config.getoption("--reliability-merge") and path.exists() else None
+        path.write_text(render(session.config.stash[RESULTS], session.config, earlier=earlier))
 
 
 def _commit(root: Path) -> str:
@@ -175,14 +183,53 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render(entries: list[Scenario], config: pytest.Config) -> str:
-    """The markdown table: one row per scenario, then each run's notes."""
+_RUN_LINE = re.compile(r"^Run on (?P<when>[^,]+), commit `(?P<commit>[^`]*)`")
+_CELLS = re.compile(r"(?<!\\)\|")
+
+
+@dataclass(frozen=True)
+class Carried:
+    """What a merged table keeps of an earlier one: rows (cells as written) and detail lines."""
+
+    rows: list[list[str]]
+    details: list[str]
+
+
+def carried(earlier: str, ran: set[str], nodeids: set[str]) -> Carried:
+    """The rows of `earlier` whose scenario is not in `ran`, each with the run it came from in its last
+    cell, and the detail lines of tests not among `nodeids` (test functions, parameters dropped)."""
+    lines = earlier.splitlines()
+    origin = "earlier run"
+    for line in lines:
+        if (m := _RUN_LINE.match(line)) is not None:
+            origin = f"{m['when']}, `{m['commit']}`"
+            break
+    rows: list[list[str]] = []
+    details: list[str] = []
+    for line in lines:
+        if line.startswith("| ") and not line.startswith("| Scenario |"):
+            cells = [c.strip() for c in _CELLS.split(line)[1:-1]]
+            if len(cells) == 4:
+                cells.append(origin)
+            if len(cells) == 5 and cells[0].replace("\\|", "|") not in ran:
+                rows.append(cells)
+        elif line.startswith("- `") and "`: " in line:
+            nodeid = line[3:line.index("`: ")]
+            if nodeid.split("[")[0] not in nodeids:
+                details.append(line)
+    return Carried(rows, details)
+
+
+def render(entries: list[Scenario], config: pytest.Config, *, earlier: str | None = None) -> str:
+    """The markdown table: one row per scenario, then each run's notes; with `earlier`, the rows this
+    session did not run are carried from it."""
     rows: dict[str, list[Scenario]] = {}
     for e in entries:
         if e.outcome == "skipped":
             continue
         rows.setdefault(e.name, []).append(e)
     skipped = [e for e in entries if e.outcome == "skipped"]
+    keep = carried(earlier, set(rows), {e.nodeid.split("[")[0] for e in entries}) if earlier else Carried([], [])
     lines = [
         "# Reliability",
         "",
@@ -192,10 +239,12 @@ def render(entries: list[Scenario], config: pytest.Config) -> str:
         "held; fuzzing counts one run per Hypothesis example.",
         "",
         f"Run on {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, commit `{_commit(config.rootpath)}`, "
-        f"Hypothesis profile `{_profile()}`. Command: `pytest {' '.join(config.invocation_params.args)}`.",
+        f"Hypothesis profile `{_profile()}`. Command: `pytest {' '.join(config.invocation_params.args)}`."
+        + (f" {len(keep.rows)} rows were not run by it and are carried from the run their last column names."
+           if keep.rows else ""),
         "",
-        "| Scenario | Runs | As promised | What was checked |",
-        "|---|---:|---:|---|",
+        "| Scenario | Runs | As promised | What was checked | Run |",
+        "|---|---:|---:|---|---|",
     ]
     total_runs = total_ok = 0
     for name, group in rows.items():
@@ -204,13 +253,18 @@ def render(entries: list[Scenario], config: pytest.Config) -> str:
         total_runs, total_ok = total_runs + runs, total_ok + ok
         checked = next((e.checked for e in group if e.checked), "")
         mark = "" if ok == runs else " **(broken)**"
-        lines.append(f"| {_cell(name)} | {runs} | {ok}{mark} | {_cell(checked)} |")
+        lines.append(f"| {_cell(name)} | {runs} | {ok}{mark} | {_cell(checked)} | this one |")
+    for cells in keep.rows:
+        runs, ok = int(cells[1]), int(cells[2].split()[0])
+        total_runs, total_ok = total_runs + runs, total_ok + ok
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Total: {total_ok} of {total_runs} runs ended as promised.", ""]
     noted = [e for group in rows.values() for e in group if e.notes or e.outcome != "passed"]
-    if noted:
+    if noted or keep.details:
         lines += ["## Runs in detail", ""]
         for e in noted:
             lines.append(f"- `{e.nodeid}`: {e.outcome}, {e.seconds:.0f} s" + (f"; {'; '.join(e.notes)}" if e.notes else ""))
+        lines += keep.details
         lines.append("")
     if skipped:
         lines += ["## Skipped", ""] + [f"- `{e.nodeid}`" for e in skipped] + [""]
