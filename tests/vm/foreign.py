@@ -8,7 +8,6 @@ Built once per image and kept beside it (a few minutes: mmdebstrap downloads and
 from __future__ import annotations
 
 import fcntl
-import secrets
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,9 @@ KERNEL = "linux-image-cloud-amd64"
 PACKAGES = ("systemd-sysv", "udev", "e2fsprogs", "initramfs-tools", KERNEL)
 # Nobody reads documentation on an appliance; dpkg's own path filters keep the bundle small.
 EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*")
-MERGED_USR = "/usr/share/mmdebstrap/hooks/merged-usr"  # mmdebstrap's own hook: no usrmerge (and perl)
+# mmdebstrap's own hooks: merged /usr from the start (no usrmerge, and perl, pulled in), and the local
+# .deb made visible inside the chroot, where apt's dpkg looks for it.
+HOOKS = ("/usr/share/mmdebstrap/hooks/merged-usr", "/usr/share/mmdebstrap/hooks/file-mirror-automount")
 REPO = Path(__file__).resolve().parents[2]
 
 FSTAB = """PARTLABEL=system   /         ext4  rw,noatime         0  1
@@ -52,8 +53,6 @@ def _files(root: Path, product: str, keys: Path) -> None:
     write("etc/recovery/system.toml", f'product = "{product}"\n')
     write("etc/recovery/keys/signing.pub", (keys / "signing.pub").read_text())
     write("etc/hostname", "foreign\n")
-    # A machine id of its own: with none, systemd-firstboot would ask for a locale on the console.
-    write("etc/machine-id", secrets.token_hex(16) + "\n")
     write("etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf", AUTOLOGIN)
     for mountpoint in ("cfg", "storage"):
         (root / mountpoint).mkdir()
@@ -75,8 +74,8 @@ def foreign_bundle(built: Any) -> Path:
             _files(files, built.config.product, built.keys)
             tree = work / "tree.tar"
             proc = subprocess.run([
-                "mmdebstrap", "--variant=minbase", "--format=tar", f"--hook-dir={MERGED_USR}",
-                "--include=" + ",".join([*PACKAGES, str(deb)]),
+                "mmdebstrap", "--variant=minbase", "--format=tar", *(f"--hook-dir={h}" for h in HOOKS),
+                "--include=" + ",".join(PACKAGES), f"--include={deb}",
                 *(f"--dpkgopt=path-exclude={p}" for p in EXCLUDES),
                 # Debian's /etc/os-release is a link to /usr/lib/os-release: the product's replaces it.
                 '--customize-hook=rm -f "$1/etc/os-release"',
