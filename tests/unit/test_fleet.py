@@ -449,3 +449,18 @@ def test_hostile_ids_and_links_are_garbage_and_never_printed_raw(fake: tuple[Fak
     fleet.cycle()
     assert "a link with spaces, control or non-ASCII characters refused" in json.loads(
         fleet.status_path.read_text())["problem"]
+
+
+def test_the_command_once_and_without_fleet(fake: tuple[FakeDdi, Fleet], releases: Releases, system: System,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    ddi, fleet = fake
+    offer(ddi, releases.bundles["2.0.0"])
+    reboot = Reboots()
+    assert fleet_module.main(["--config", str(system.config_path), "once"], reboot=reboot) == 0
+    assert reboot.count == 1 and fleet.config.instruction.exists()
+    assert fleet_module.main(["--config", str(system.config_path), "status"]) == 0
+    assert "action 7: staged 2.0.0" in capsys.readouterr().out
+    bare = system.root / "etc/bare.toml"
+    bare.write_text(system.config_path.read_text().split("\n[fleet]")[0])
+    assert fleet_module.main(["--config", str(bare), "run"]) == 0
+    assert "no [fleet] in the system configuration: nothing to do" in capsys.readouterr().out
