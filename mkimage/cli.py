@@ -56,8 +56,9 @@ def cmd_recovery(args: argparse.Namespace) -> int:
 
 def cmd_deb(args: argparse.Namespace) -> int:
     deb = build_deb(args.output)
-    notes = f", lintian: {len(deb.lintian)} warnings and notes (above), no errors" if deb.lintian else ", lintian: clean"
-    print(f"wrote {deb.path}{notes}")
+    warnings = sum(1 for line in deb.lintian if line.startswith("W: "))
+    said = f"{warnings} warnings (above)" if warnings else "no warnings"
+    print(f"wrote {deb.path}; lintian: no errors, {said}" + (" (--debug shows its notes)" if deb.lintian else ""))
     return 0
 
 

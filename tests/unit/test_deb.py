@@ -160,3 +160,21 @@ def test_nothing_is_left_in_the_repository(built: debpkg.Deb) -> None:
                             capture_output=True, text=True, check=True).stdout
     assert not [line for line in status.splitlines() if line.endswith((".deb", "debian/", ".buildinfo", ".changes"))
                 or "debhelper" in line or "/debian/files" in line], status
+
+
+def test_a_missing_build_tool_is_named_before_anything_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = shutil.which
+    monkeypatch.setattr(debpkg.shutil, "which", lambda name: None if name == "dh_python3" else real(name))
+    with pytest.raises(Failed, match=r"^building the package needs dh_python3 \(make setup installs"):
+        debpkg.build_deb(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_says_what_it_wrote(built: debpkg.Deb, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from mkimage.cli import main
+
+    monkeypatch.setattr("mkimage.cli.build_deb", lambda out: built)
+    assert main(["deb", "-o", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"wrote {built.path}; lintian: no errors, ") and out.count("\n") == 1, out
