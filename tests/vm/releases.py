@@ -67,10 +67,13 @@ def _never_multi_user(root: Path) -> None:
 
 def _hangs(root: Path) -> None:
     # The kernel stops dead once services run: a panic that does not reboot (kernel.panic=0). Only the
-    # hardware watchdog systemd armed for the trial boot gets the machine out.
+    # hardware watchdog systemd armed for the trial boot gets the machine out. It waits for the guard's
+    # line, which comes after the guard noted the boot on cfg: the guard is Type=simple, so ordering
+    # after it only waits for its start, and Python under TCG takes seconds to get to the note.
     _write(root, "etc/systemd/system/hang.service",
            "[Unit]\nDescription=Hang the machine\nAfter=reflash-trial-guard.service\n\n"
-           "[Service]\nType=oneshot\nExecStart=/bin/sh -c 'sleep 2; echo 0 > /proc/sys/kernel/panic; "
+           "[Service]\nType=oneshot\nExecStart=/bin/sh -c 'until journalctl -b -u reflash-trial-guard.service "
+           "| grep -q \"is on trial\"; do sleep 1; done; sleep 2; echo 0 > /proc/sys/kernel/panic; "
            "echo c > /proc/sysrq-trigger'\n\n[Install]\nWantedBy=multi-user.target\n")
     (root / "etc/systemd/system/multi-user.target.wants/hang.service").symlink_to("/etc/systemd/system/hang.service")
 
