@@ -13,7 +13,7 @@ DEB_PACKAGES := python3 python3-venv python3-pip \
 	python3-aiohttp chromium chromium-driver \
 	debhelper dh-python dpkg-dev fakeroot lintian python3-setuptools fdisk
 
-.PHONY: setup test test-unit test-vm test-foreign demo bench reliability clean deb
+.PHONY: setup test test-unit test-vm test-foreign demo demo-page bench reliability clean deb
 
 GOOSEBIT_VENV := .venv-goosebit
 
@@ -77,6 +77,10 @@ deb: setup
 
 demo: setup
 	$(VENV)/bin/reflash demo
+
+# The same cycle from the appliance's update page: open http://127.0.0.1:8080/ and press the buttons.
+demo-page: setup
+	$(VENV)/bin/reflash demo --page 8080
 
 bench: setup
 	$(PY) -m bench

@@ -19,7 +19,7 @@ from mkimage.toollog import tool_log
 from recovery.core.cli import UsageError
 
 from . import VMError
-from .demo import Narrator, run_demo
+from .demo import Narrator, PersonAtABrowser, run_demo
 from .disk import DiskImage
 from .drive import DiskInterface
 from .machine import Firmware, Machine
@@ -100,7 +100,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         with tool_log(verbose=args.verbose):
             built = build(config)
         narrator.mark("build", f"images ready in {out}")
-    run_demo(built, out / "demo", args.firmware, narrator=narrator)
+    page = None
+    if args.page is not None:
+        page = (args.page, PersonAtABrowser(narrator, interactive=sys.stdin.isatty()))
+    run_demo(built, out / "demo", args.firmware, narrator=narrator, page=page)
     return 0
 
 
@@ -123,4 +126,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     d.add_argument("-o", "--output", type=Path, help="where the images are (built); default: out/")
     d.add_argument("--no-build", action="store_true", help="use the images already in the output directory")
     d.add_argument("--verbose", action="store_true", help="show the build's tool output (else: in DIR/build.log)")
+    d.add_argument("--page", type=int, nargs="?", const=8080, default=None, metavar="PORT",
+                   help="update from the appliance's update page instead: forwarded to 127.0.0.1:PORT (8080); "
+                        "you press Download and Install in a browser")
     d.set_defaults(run=cmd_demo)

@@ -4,6 +4,10 @@ The published releases are served from the host's loopback; the guest reaches th
 QEMU's restricted user-mode network and one guestfwd (10.0.2.100:80). In the guest `reflashctl
 install --latest` downloads, verifies, stages and reboots; the recovery installs; the new release
 boots and `reflashctl status` must say what happened. Everything is read off the serial console.
+
+With a page port (`reflash demo --page`), the guest's update page is forwarded to the host's loopback
+and an operator presses Download and Install on it instead: a person at a browser (the demo prints
+the address and the access token, then waits), or a test's browser (`PageOperator`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from mkimage.publish import publish
 from recovery.core.feed import FEED_NAME
@@ -24,7 +28,7 @@ from . import VMError, deadlines
 from .deadlines import BOOT, KERNEL, RECOVERY
 from .disk import DiskImage
 from .machine import Firmware, Machine
-from .network import StaticServer, UserNetwork
+from .network import HostForward, StaticServer, UserNetwork
 
 if TYPE_CHECKING:
     from mkimage.build import BuildResult
@@ -35,6 +39,7 @@ FEED_URL = f"http://{FEED_HOST}/{FEED_NAME}"
 # Generous limits for TCG on a shared machine, beside the boot's own (vm.deadlines).
 TRANSFER = 900.0  # download and verification of a bundle
 COMMAND = 120.0  # a quick command in the guest
+OPERATOR = 3600.0  # a person reading the release notes before pressing Install
 MiB = 1024 * 1024
 
 Say = Callable[[str], None]
@@ -131,6 +136,41 @@ def publish_releases(built: BuildResult, directory: Path) -> str:
     return max(done.added, key=Version)
 
 
+class PageOperator(Protocol):
+    """Who presses the update page's buttons in `reflash demo --page`."""
+
+    def update(self, url: str, token: str) -> None:
+        """Download and Install on the page at `url`; may return before the reboot (a person)."""
+
+    def updated(self, url: str, version: str) -> None:
+        """The new release is up: the page, reloaded, shows what happened."""
+
+
+@dataclass(frozen=True)
+class PersonAtABrowser:
+    """The demo's own operator: tells the person what to open and press, and waits for them."""
+
+    narrator: Narrator
+    interactive: bool = True  # wait for Enter at the end, so the page can be looked at
+
+    def update(self, url: str, token: str) -> None:
+        self.narrator.note(f"open {url} in a browser on this machine and sign in with the access token {token}")
+        self.narrator.note("press Download, wait for 'downloaded', then Install (the demo waits for the reboot)")
+
+    def updated(self, url: str, version: str) -> None:
+        self.narrator.note(f"reload {url}: it shows {version} running and the install's result")
+        if self.interactive:
+            input("demo: press Enter to power the appliance off ")
+
+
+def page_port(built: BuildResult) -> int:
+    """The port of the image's `[daemon] listen`, where the guest serves the update page."""
+    listen = built.config.daemon.listen
+    if not listen:
+        raise DemoFailed("the image has no update page: [daemon] listen is empty in its config")
+    return int(listen.rsplit(":", 1)[1])
+
+
 class _Cycle:
     """One run of the demo on one machine; each method waits for one stage on the console."""
 
@@ -207,6 +247,19 @@ class _Cycle:
         say.mark("reboot", "rebooted: GRUB found the instruction and boots the recovery (try 1)")
         return version
 
+    def from_page(self, operator: PageOperator, url: str) -> None:
+        """The operator presses Download and Install on the page; up to the reboot that follows."""
+        self.where = "reflashctl token"
+        code, out = self.m.shell("reflashctl token", COMMAND)
+        if code != 0 or not out.strip():
+            raise DemoFailed(f"reflashctl token exited {code}: {out.strip()}")
+        self.where = "the update page"
+        operator.update(url, out.strip().splitlines()[-1])
+        self.narrator.mark("page", "the operator pressed Install on the update page")
+        self.where = "waiting for Install on the update page and the reboot"
+        self.expect(r"Loading the recovery OS \(try 1\)", OPERATOR)
+        self.narrator.mark("reboot", "rebooted: GRUB found the instruction and boots the recovery (try 1)")
+
     def _last_line(self, path: str) -> str:
         try:
             _, out = self.m.shell(f"cat {path}", COMMAND)
@@ -253,8 +306,10 @@ def run_demo(
     *,
     say: Say = print,
     narrator: Narrator | None = None,
+    page: tuple[int, PageOperator] | None = None,
 ) -> DemoReport:
-    """Boot `built`'s image (through an overlay in `workdir`) and update it to the newest release.
+    """Boot `built`'s image (through an overlay in `workdir`) and update it to the newest release;
+    with `page` (a host port and an operator), from the update page forwarded to that port.
 
     Raises DemoFailed with one line that says at which stage and why, and names the console log.
     """
@@ -269,9 +324,12 @@ def run_demo(
     overlay = workdir / "disk.qcow2"
     overlay.unlink(missing_ok=True)
     disk = DiskImage.open(built.disk).overlay(overlay)
+    inward = (HostForward(page[0], page_port(built)),) if page is not None else ()
+    url = f"http://127.0.0.1:{page[0]}/" if page is not None else ""
     with StaticServer(workdir / "published") as server:
+        network = UserNetwork((server.forward(FEED_HOST, 80),), host_forwards=inward)
         machine = Machine(
-            disk, firmware=firmware, network=UserNetwork((server.forward(FEED_HOST, 80),)), name="demo",
+            disk, firmware=firmware, network=network, name="demo",
             workdir=workdir, probe_kernel=built.recovery / "vmlinuz",
         )
         narrator.note(f"booting {product} {from_version} ({firmware}); serving {server.directory} "
@@ -281,12 +339,18 @@ def run_demo(
             with machine:
                 cycle.ready(from_version, "boot")
                 address = cycle.network()
-                staged = cycle.install(built.bundles[to_version].stat().st_size)
-                if staged != to_version:
-                    raise DemoFailed(f"reflashctl staged {staged}, expected the newest release {to_version}")
+                if page is not None:
+                    cycle.from_page(page[1], url)
+                else:
+                    staged = cycle.install(built.bundles[to_version].stat().st_size)
+                    if staged != to_version:
+                        raise DemoFailed(f"reflashctl staged {staged}, expected the newest release {to_version}")
                 cycle.recovery(to_version)
                 cycle.ready(to_version, "ready")
                 status = cycle.status(from_version, to_version)
+                if page is not None:
+                    cycle.where = "the update page after the update"
+                    page[1].updated(url, to_version)
         except VMError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DemoFailed(f"{cycle.where}: {first} (console log: {machine.console_log})") from e

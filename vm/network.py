@@ -62,18 +62,37 @@ class GuestForward:
 
 
 @dataclass(frozen=True)
+class HostForward:
+    """Connections to the host's `127.0.0.1:host_port` reach the guest's `guest_port` (a hostfwd: how
+    a browser on the host reaches a page the guest serves; restrict=on still lets these in)."""
+
+    host_port: int
+    guest_port: int
+
+    def __post_init__(self) -> None:
+        for port in (self.host_port, self.guest_port):
+            if not 0 < port < 65536:
+                raise ValueError(f"port {port} out of range")
+
+    def option(self) -> str:
+        return f"hostfwd=tcp:127.0.0.1:{self.host_port}-:{self.guest_port}"
+
+
+@dataclass(frozen=True)
 class UserNetwork:
     """One virtio NIC on QEMU's user-mode network. `restrict` cuts the guest off from the host and
-    the world; only `forwards` lead out."""
+    the world; only `forwards` lead out, and only `host_forwards` lead in."""
 
     forwards: tuple[GuestForward, ...] = ()
     restrict: bool = True
     model: str = "virtio-net-pci"
     id: str = "net0"
+    host_forwards: tuple[HostForward, ...] = ()
 
     def qemu_args(self) -> list[str]:
         options = ["user", f"id={self.id}", f"restrict={'on' if self.restrict else 'off'}"]
         options += [f.option() for f in self.forwards]
+        options += [f.option() for f in self.host_forwards]
         return ["-netdev", ",".join(options), "-device", f"{self.model},netdev={self.id}"]
 
 

@@ -13,7 +13,7 @@ import pytest
 from vm.accel import Accel
 from vm.demo import Narrator, line
 from vm.machine import Machine
-from vm.network import GuestForward, StaticServer, UserNetwork
+from vm.network import GuestForward, HostForward, StaticServer, UserNetwork
 
 
 def test_guestfwd_option_runs_the_relay_per_connection() -> None:
@@ -42,6 +42,16 @@ def test_user_network_is_restricted_by_default() -> None:
     assert args[0] == "-netdev" and args[2:] == ["-device", "virtio-net-pci,netdev=net0"]
     options = args[1].split(",")
     assert options[:3] == ["user", "id=net0", "restrict=on"] and options[3].startswith("guestfwd=")
+
+
+def test_host_forwards_listen_on_the_loopback_only() -> None:
+    net = UserNetwork((GuestForward("10.0.2.100", 80, 8123),), host_forwards=(HostForward(18080, 8080),))
+    options = net.qemu_args()[1].split(",")
+    assert options[:3] == ["user", "id=net0", "restrict=on"]
+    assert options[-1] == "hostfwd=tcp:127.0.0.1:18080-:8080"
+    for bad in ((0, 8080), (18080, 65536)):
+        with pytest.raises(ValueError):
+            HostForward(*bad)
 
 
 def test_machine_puts_the_network_on_its_command_line(tmp_path: Path) -> None:
