@@ -64,6 +64,7 @@ RELIABILITY_TESTS := tests/unit/test_instruction_fuzz.py tests/unit/test_bundle_
 	tests/unit/test_fuzz_manifest.py tests/unit/test_hostile.py tests/unit/test_fuzz_hostile.py \
 	tests/vm/test_powercut.py tests/vm/test_faults.py \
 	tests/unit/test_security_extract.py tests/vm/test_install.py::test_hard_link_to_a_symlink_changes_nothing_on_cfg \
+	tests/vm/test_install.py::test_tree_of_many_small_files_gets_the_inodes_it_needs \
 	tests/vm/test_security_grub.py tests/unit/test_security_feed.py tests/vm/test_downgrade.py \
 	tests/vm/test_rollback.py tests/vm/test_rollback_powercut.py
 reliability: setup

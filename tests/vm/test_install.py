@@ -334,6 +334,7 @@ def many_files_bundle(built_image: Any, tmp_path_factory: pytest.TempPathFactory
     return signed_bundle(built_image, tree, work / "demo-appliance-2.0.0-many.bundle")
 
 
+@pytest.mark.reliability  # minutes of extraction under TCG: make reliability
 def test_tree_of_many_small_files_gets_the_inodes_it_needs(
     machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, many_files_bundle: Path
 ) -> None:

@@ -3,7 +3,7 @@
 Each cut is a SIGKILL of QEMU (no flush, no shutdown) at a point read from the serial console. The
 next boot gets no help: a new Machine on the same overlay must end with 2.0.0 booted, result.json
 saying installed and the installed tree equal to the bundle's payload (checked from the host, file by
-file). `make test` runs two cut points; the rest are marked `reliability` (`make reliability`).
+file). `make test` runs one cut point; the rest are marked `reliability` (`make reliability`).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ POINTS: dict[str, CutPoint] = {
     "rebooting": CutPoint("recovery: rebooting", r"recovery: rebooting\r?\n", marker=False, result="installed", instruction=False,
                           straight=True),
 }
-FAST = ("extracting-50%", "result-written")  # the ones `make test` runs
+FAST = ("extracting-50%",)  # the one `make test` runs (the suite must stay under 30 minutes)
 RANDOM_RUNS = 2
 RANDOM_WINDOW = 90.0  # seconds after `recovery: starting` within which a random cut falls
 

@@ -90,7 +90,7 @@ def _feed_on_storage(built: Any, disk: DiskImage, bundle: Path, tmp: Path) -> No
 
 
 def _params() -> list[Any]:
-    quick = {"init-exits", "unhealthy"}  # make test; the rest with make reliability
+    quick = {"init-exits"}  # make test (three quick trial boots); the rest with make reliability
     return [pytest.param(kind, marks=() if kind in quick else pytest.mark.reliability, id=kind) for kind in BROKEN]
 
 
