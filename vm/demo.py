@@ -238,7 +238,8 @@ class _Cycle:
         self.where = "verifying"
         until(r"Verifying \S+ done in [\d.]+ s", TRANSFER)
         say.mark("verify", "bundle verified (signature, sha256, product, version)")
-        match = until(r"staged \S+ (?P<version>\S+) \(", COMMAND)
+        # "staged P V (FILE on DISK)" when reflashctl works alone, "staged P V: rebooting …" through reflashd
+        match = until(r"staged \S+ (?P<version>[^\s:]+)(?: \(|:)", COMMAND)
         version = match.group("version")
         say.mark("staged", f"{version} staged: instruction written to /cfg")
         until(r"rebooting into the recovery", COMMAND)
