@@ -81,6 +81,7 @@ def test_the_appliance_installs_what_goosebit_deploys_and_reports_success(
     assert code == 0 and "closed 2.0.0, success: installed 1.0.0 -> 2.0.0" in out, out
 
 
+@pytest.mark.reliability  # make reliability: make test must stay under 30 minutes
 def test_a_corrupt_artifact_ends_as_a_failure_with_the_reason(
     machine: Callable[..., Machine], built_image: Any, server: Goosebit, tmp_path: Path,
 ) -> None:

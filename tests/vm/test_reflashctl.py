@@ -124,6 +124,7 @@ def test_status_after_a_rejected_recovery_and_a_corrupt_download_refused(
     assert result["outcome"] == "rejected" and result["reason"].startswith("payload sha256 mismatch")
 
 
+@pytest.mark.reliability  # make reliability: make test must stay under 30 minutes
 def test_status_after_a_failed_try_and_the_install_that_followed(
     machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, good_bundle: bytes
 ) -> None:
