@@ -51,13 +51,13 @@ VM_JOBS ?= 2
 test: setup
 	$(PY) -m pytest -q -p tests.reliability -m "not reliability" tests/unit
 	$(PY) -m pytest -q tests/bench
-	$(PY) -m pytest -q -p tests.reliability -m "not reliability" -n $(VM_JOBS) tests/vm --ignore=$(FOREIGN_TREE)
+	$(PY) -m pytest -q -p tests.reliability -m "not reliability" -n $(VM_JOBS) --durations=15 tests/vm --ignore=$(FOREIGN_TREE)
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit
 
 test-vm: setup
-	$(PY) -m pytest -q -p tests.reliability -m "not reliability" -n $(VM_JOBS) tests/vm --ignore=$(FOREIGN_TREE)
+	$(PY) -m pytest -q -p tests.reliability -m "not reliability" -n $(VM_JOBS) --durations=15 tests/vm --ignore=$(FOREIGN_TREE)
 
 # Every power cut, failing disk and hostile input, many Hypothesis examples; writes the table.
 RELIABILITY_TESTS := tests/unit/test_instruction_fuzz.py tests/unit/test_bundle_fuzz.py \
