@@ -11,6 +11,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from recovery.core.errors import Rejected
+
 log = logging.getLogger(__name__)
 
 
@@ -85,3 +87,14 @@ def checkpoint_journal(path: Path, *, ioctl: Callable[[int, int, bytes], object]
         return False
     finally:
         os.close(fd)
+
+
+def read_if_present(path: Path, *, absent: tuple[type[OSError], ...] = (FileNotFoundError,)) -> bytes | None:
+    """A small record's bytes, None when it does not exist (`absent`); any other read error is
+    `Rejected` with the path and the reason."""
+    try:
+        return path.read_bytes()
+    except absent:
+        return None
+    except OSError as e:
+        raise Rejected(f"cannot read {path}: {e.strerror or e}") from None

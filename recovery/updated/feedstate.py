@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
-from recovery.core.atomic import atomic_write, fsync_dir
+from recovery.core.atomic import atomic_write, fsync_dir, read_if_present
 from recovery.core.errors import Rejected
 from recovery.core.feed import Feed, parse_time
 
@@ -54,13 +54,8 @@ class FeedState:
 
 def read_state(cfg: Path) -> FeedState | None:
     path = cfg / STATE
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise Rejected(f"cannot read {path}: {e.strerror or e}") from None
-    return FeedState.from_json(raw, path)
+    raw = read_if_present(path)
+    return None if raw is None else FeedState.from_json(raw, path)
 
 
 def check_fresh(feed: Feed, remembered: FeedState | None, now: datetime) -> None:

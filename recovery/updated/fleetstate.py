@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 
-from recovery.core.atomic import atomic_write, durable_unlink
+from recovery.core.atomic import atomic_write, durable_unlink, read_if_present
 from recovery.core.errors import Failed, Rejected
 from recovery.core.result import now
 
@@ -72,13 +72,8 @@ class FleetRecord:
 
 def read_record(cfg: Path) -> FleetRecord | None:
     path = cfg / RECORD
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise Rejected(f"cannot read {path}: {e.strerror or e}") from None
-    return FleetRecord.from_json(raw, path)
+    raw = read_if_present(path)
+    return None if raw is None else FleetRecord.from_json(raw, path)
 
 
 def write_record(cfg: Path, record: FleetRecord | None) -> None:

@@ -14,7 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from recovery.core.atomic import atomic_write, durable_unlink
+from recovery.core.atomic import atomic_write, durable_unlink, read_if_present
 from recovery.core.errors import Failed, Rejected
 
 STATE = "update-state.json"  # in the bundle directory
@@ -108,13 +108,8 @@ def state_path(bundle_dir: Path) -> Path:
 
 def read_state(bundle_dir: Path) -> ServiceState:
     path = state_path(bundle_dir)
-    try:
-        raw = path.read_bytes()
-    except (FileNotFoundError, NotADirectoryError):
-        return ServiceState()
-    except OSError as e:
-        raise Rejected(f"cannot read {path}: {e.strerror or e}") from None
-    return ServiceState.from_json(raw, path)
+    raw = read_if_present(path, absent=(FileNotFoundError, NotADirectoryError))
+    return ServiceState() if raw is None else ServiceState.from_json(raw, path)
 
 
 def write_state(bundle_dir: Path, state: ServiceState) -> None:
