@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from recovery.core import instruction
-from recovery.core.atomic import EXT4_IOC_CHECKPOINT, atomic_write, checkpoint_journal, durable_unlink
+from recovery.core.atomic import EXT4_IOC_CHECKPOINT, atomic_write, checkpoint_journal, durable_unlink, read_if_present
+from recovery.core.errors import Rejected
 from recovery.core.instruction import Instruction, clear_try, read_instruction, write_instruction
 
 
@@ -114,3 +115,15 @@ def test_recovery_retry_writes_both_counters_out_for_grub(tmp_path: Path, monkey
     pid1.retry(cfg)
     # no try was counted, so clear_try wrote nothing: the fallback counter's new block still needs it
     assert seen == [cfg] and (cfg / installer.FALLBACK_COUNTER).stat().st_size == 1024
+
+
+def test_read_if_present(tmp_path: Path) -> None:
+    (tmp_path / "record").write_bytes(b"{}")
+    assert read_if_present(tmp_path / "record") == b"{}"
+    assert read_if_present(tmp_path / "missing") is None
+    with pytest.raises(Rejected, match="^cannot read .*/file/below: Not a directory$"):
+        (tmp_path / "file").write_bytes(b"")
+        read_if_present(tmp_path / "file/below")
+    assert read_if_present(tmp_path / "file/below", absent=(FileNotFoundError, NotADirectoryError)) is None
+    with pytest.raises(Rejected, match="Is a directory"):
+        read_if_present(tmp_path)
