@@ -14,6 +14,8 @@ from recovery.core.envblock import format_envblock
 from recovery.core.errors import Rejected
 from recovery.core.keys import load_private_key, public_key_pem
 from recovery.core.output import step
+from recovery.core.slots import FILES as SLOT_FILES
+from recovery.core.slots import IN_RELEASE, RECORD, SLOT_BLOCK, SLOT_KEY, SLOTS
 from recovery.core.trial import BundleRef, write_fallback
 
 from .bundle import create_bundle, generate_keys
@@ -60,6 +62,8 @@ def build(config: ImageConfig) -> BuildResult:
         versions = list(dict.fromkeys([config.version, *config.releases]))
         for version in versions:
             tree = prepare_system_tree(base, config, version, work / f"system-{version}", public, deb)
+            if config.bundle_recovery:
+                _carry_recovery(config, public, tree, version, recovery_dir, work)
             if version in config.releases:
                 bundle = out / f"{config.product}-{version}.bundle"
                 with step(f"Making the bundle {bundle.name}"):
@@ -103,9 +107,11 @@ def _recovery_partition(config: ImageConfig, keys: list[Path], dest: Path, work:
         build_recovery_os(config, keys, dest, work)
     contents = work / "recovery-partition"
     _clean(contents)
-    contents.mkdir(parents=True)
-    for name in ("vmlinuz", "initrd.img"):
-        shutil.copy2(dest / name, contents / name)
+    # Both slots hold the factory's recovery: a recovery that fails is never the only one.
+    for slot in SLOTS:
+        (contents / slot).mkdir(parents=True)
+        for name in (*SLOT_FILES.values(), RECORD):
+            shutil.copy2(dest / name, contents / slot / name)
     shutil.copy2(BOOTLOADER / "recovery.cfg", dest / GRUB_SNIPPET)
     with step(f"Making the recovery partition image {RECOVERY_IMAGE}"):
         image = dest / RECOVERY_IMAGE
@@ -113,6 +119,21 @@ def _recovery_partition(config: ImageConfig, keys: list[Path], dest: Path, work:
             f.truncate(config.partitions.recovery)
         make_ext4(image, Placement(4, "recovery", 0, config.partitions.recovery), label="recovery", root=contents)
     return dest
+
+
+def _carry_recovery(config: ImageConfig, keys: list[Path], tree: Path, version: str, factory: Path,
+                    work: Path) -> None:
+    """A release's own recovery OS, in its tree where the running system finds it once the release has
+    confirmed itself (recovery/updated/recoveryslots.py): built with this release's version and keys.
+    The factory release carries the very files of the factory's slots."""
+    dest = tree / IN_RELEASE
+    dest.mkdir(parents=True, exist_ok=True)
+    if version == config.version:
+        for name in (*SLOT_FILES.values(), RECORD):
+            shutil.copy2(factory / name, dest / name)
+        return
+    with step(f"Building the recovery OS {version} that the release {version} carries"):
+        build_recovery_os(config, keys, dest, work / f"recovery-{version}", version=version)
 
 
 def _signing_keys(config: ImageConfig, out: Path) -> tuple[Path, Path]:
@@ -157,6 +178,8 @@ def _disk_image(config: ImageConfig, out: Path, work: Path, recovery_dir: Path, 
     (cfg_dir / "recovery").mkdir(parents=True)
     # GRUB counts the recovery's tries here when an instruction is garbage it cannot write to.
     (cfg_dir / "recovery/grubenv").write_bytes(format_envblock({}))
+    # Which recovery slot GRUB loads (both hold the same recovery at first).
+    (cfg_dir / SLOT_BLOCK).write_bytes(format_envblock({SLOT_KEY: SLOTS[0]}))
     storage_dir = _factory_fallback(config, work, cfg_dir, factory)
     recovery_contents = work / "recovery-partition"
     partial = out / "disk.img.partial"

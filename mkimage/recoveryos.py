@@ -20,6 +20,7 @@ from pathlib import Path
 from recovery.core.errors import Failed
 from recovery.core.output import step
 from recovery.core.run import run
+from recovery.core.slots import write_record
 
 from .config import ImageConfig
 from .libxml2stub import build_libxml2_stub
@@ -85,10 +86,12 @@ def recovery_spec(config: ImageConfig) -> RootfsSpec:
     )
 
 
-def recovery_toml(config: ImageConfig) -> str:
-    """/etc/recovery/recovery.toml: the partitions the recovery may touch, by partition label."""
+def recovery_toml(config: ImageConfig, version: str | None = None) -> str:
+    """/etc/recovery/recovery.toml: the partitions the recovery may touch, by partition label, and the
+    recovery's own version (the release it was built for; the factory's by default)."""
     return (
         f'product = "{config.product}"\n'
+        f'version = "{version or config.version}"\n'
         'keys = "/etc/recovery/keys"\n'
         f"device_timeout = {config.device_timeout}\n"
         f"trial_boots = {config.trial.boots}\n"
@@ -100,8 +103,11 @@ def recovery_toml(config: ImageConfig) -> str:
     )
 
 
-def build_recovery_os(config: ImageConfig, keys: list[Path], dest: Path, work: Path) -> RecoveryOS:
-    """Write `dest`/vmlinuz and `dest`/initrd.img; `keys` are the public keys the recovery trusts."""
+def build_recovery_os(config: ImageConfig, keys: list[Path], dest: Path, work: Path, *,
+                      version: str | None = None) -> RecoveryOS:
+    """Write `dest`/vmlinuz, `dest`/initrd.img and their `recovery.json` (recovery/core/slots.py);
+    `keys` are the public keys the recovery trusts, `version` its version (default: the factory's)."""
+    version = version or config.version
     base = build_rootfs(recovery_spec(config), config.cache)
     kver = kernel_version(base)
     dest.mkdir(parents=True, exist_ok=True)
@@ -114,7 +120,7 @@ def build_recovery_os(config: ImageConfig, keys: list[Path], dest: Path, work: P
         overlay.mkdir(parents=True)
         # The overlay's directories replace the base's modes when unpacked: keep them ordinary.
         overlay.chmod(0o755)
-        _fill_overlay(overlay, base, kver, config, keys)
+        _fill_overlay(overlay, base, kver, config, keys, version)
         overlay_archive = work / "recovery-overlay.cpio.zst"
         _cpio_zstd(overlay, _file_list(overlay, ()), overlay_archive, level=ZSTD_LEVEL)
     with open(dest / "initrd.img", "wb") as out:
@@ -122,16 +128,17 @@ def build_recovery_os(config: ImageConfig, keys: list[Path], dest: Path, work: P
             with open(part, "rb") as f:
                 shutil.copyfileobj(f, out)
     size = (dest / "initrd.img").stat().st_size
-    log.info("recovery initrd: %.1f MiB compressed (kernel %s)", size / 2**20, kver)
+    write_record(dest, version)
+    log.info("recovery %s initrd: %.1f MiB compressed (kernel %s)", version, size / 2**20, kver)
     return RecoveryOS(dir=dest, kernel=dest / "vmlinuz", initrd=dest / "initrd.img", kernel_version=kver)
 
 
-def _fill_overlay(overlay: Path, base: Path, kver: str, config: ImageConfig, keys: list[Path]) -> None:
+def _fill_overlay(overlay: Path, base: Path, kver: str, config: ImageConfig, keys: list[Path], version: str) -> None:
     (overlay / "init").write_text(INIT)
     (overlay / "init").chmod(0o755)
     etc = overlay / "etc/recovery"
     (etc / "keys").mkdir(parents=True)
-    (etc / "recovery.toml").write_text(recovery_toml(config))
+    (etc / "recovery.toml").write_text(recovery_toml(config, version))
     for key in keys:
         shutil.copy2(key, etc / "keys" / key.name)
     # e2fsck and mount look for mounted file systems in /etc/mtab.

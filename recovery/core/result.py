@@ -70,6 +70,9 @@ class Result:
     # Failed tries of this same update before this one, oldest first. In result.json only when there
     # are any, as `"previous": [{"outcome": "failed", "try", "reason", "finished"}, …]`.
     previous: tuple[EarlierTry, ...] = ()
+    # The recovery OS that wrote this verdict: `{"version": …, "slot": "a"|"b"}` (no slot from a recovery
+    # partition without slots). Absent from results of recoveries that did not say.
+    recovery: dict[str, str] | None = None
 
     def to_json(self) -> bytes:
         data = asdict(self)
@@ -79,6 +82,8 @@ class Result:
             data["previous"] = [p.to_dict() for p in self.previous]
         else:
             del data["previous"]
+        if self.recovery is None:
+            del data["recovery"]
         return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod
@@ -98,7 +103,16 @@ class Result:
             bytes=int(data.get("bytes") or 0),
             files=int(data.get("files") or 0),
             previous=tuple(EarlierTry.from_dict(p) for p in data.get("previous") or ()),
+            recovery=_recovery_os(data.get("recovery")),
         )
+
+    @property
+    def recovery_words(self) -> str | None:
+        """`recovery 2.0.0 (slot b)`, or None when the result does not say."""
+        if not self.recovery:
+            return None
+        slot = self.recovery.get("slot")
+        return f"recovery {self.recovery.get('version', '?')}" + (f" (slot {slot})" if slot else "")
 
     def after(self, earlier: Result | None) -> Result:
         """This result, keeping the record of `earlier` when that was a failed try of the same update.
@@ -126,6 +140,12 @@ class Result:
             n = len(self.previous)
             line += f", after {n} failed {'try' if n == 1 else 'tries'}"
         return line
+
+
+def _recovery_os(value: object) -> dict[str, str] | None:
+    if not isinstance(value, dict):
+        return None
+    return {k: v for k, v in value.items() if k in ("version", "slot") and isinstance(v, str)} or None
 
 
 def write_result(cfg: Path, result: Result) -> None:

@@ -13,7 +13,11 @@ from dataclasses import dataclass
 from recovery.core.errors import UpdateError
 
 # Every value GRUB writes, by name; `recovery.` is ours, other names are the kernel's business.
-KNOWN: dict[str, tuple[str, ...]] = {"recovery.try": ("1", "2", "3"), "recovery.mode": ("rescue", "rollback")}
+KNOWN: dict[str, tuple[str, ...]] = {
+    "recovery.try": ("1", "2", "3"),
+    "recovery.mode": ("rescue", "rollback"),
+    "recovery.slot": ("a", "b"),  # the recovery slot GRUB loaded this recovery OS from
+}
 
 
 PREFIX = "recovery."
@@ -84,13 +88,14 @@ class Boot:
     try_count: int = 1
     rescue: bool = False
     rollback: bool = False  # the release on trial did not confirm: reinstall the fallback bundle
+    slot: str | None = None  # `a` or `b`; None from a recovery partition without slots
 
     @classmethod
     def parse(cls, cmdline: str) -> Boot:
         """The boot GRUB asked for; CommandLineRefused for anything our GRUB scripts never write.
 
-        Refused: a `recovery.*` name other than `recovery.try` and `recovery.mode`, a value other
-        than 1, 2, 3 and rescue, and either name twice with different values (the kernel keeps
+        Refused: a `recovery.*` name other than `recovery.try`, `recovery.mode` and `recovery.slot`, a
+        value other than 1, 2, 3, rescue, rollback, a and b, and any name twice with different values (the kernel keeps
         them all, and which one counts would be ours to guess). The same word twice is harmless.
         Without `recovery.try` the try is 1; without `recovery.mode` the recovery installs.
         """
@@ -109,4 +114,5 @@ class Boot:
                 raise CommandLineRefused(f"{name} is {_show(value)}, not {_choices(known)}")
             seen[name] = value
         mode = seen.get("recovery.mode")
-        return cls(try_count=int(seen.get("recovery.try") or 1), rescue=mode == "rescue", rollback=mode == "rollback")
+        return cls(try_count=int(seen.get("recovery.try") or 1), rescue=mode == "rescue", rollback=mode == "rollback",
+                   slot=seen.get("recovery.slot"))

@@ -29,6 +29,7 @@ class RecoveryConfig:
     storage: DiskSpec
     device_timeout: float = 30.0
     trial_boots: int = 3  # boots a new release gets to confirm itself before the rollback
+    version: str | None = None  # this recovery OS's own version (`reflash build` gives it the release's)
 
     @classmethod
     def load(cls, path: Path = DEFAULT_PATH) -> RecoveryConfig:
@@ -51,6 +52,9 @@ class RecoveryConfig:
         boots = data.get("trial_boots", 3)
         if type(boots) is not int or not 1 <= boots <= MAX_BOOTS:
             raise Rejected(f"{source}: trial_boots must be 1 to {MAX_BOOTS}")
+        version = data.get("version")
+        if version is not None and (not isinstance(version, str) or not version):
+            raise Rejected(f"{source}: version must be a non-empty string")
         specs = {}
         for role in ROLES:
             try:
@@ -58,7 +62,7 @@ class RecoveryConfig:
             except Rejected as e:
                 raise Rejected(f"{source}: partitions.{role}: {e}") from None
         return cls(product=product, keys=Path(data.get("keys", "/etc/recovery/keys")), device_timeout=float(timeout),
-                   trial_boots=boots, **specs)
+                   trial_boots=boots, version=version, **specs)
 
     def to_toml(self) -> str:
         lines = [
@@ -66,6 +70,7 @@ class RecoveryConfig:
             f"keys = {json.dumps(str(self.keys))}",
             f"device_timeout = {self.device_timeout:g}",
             f"trial_boots = {self.trial_boots}",
+            *([f"version = {json.dumps(self.version)}"] if self.version else []),
             "",
             "[partitions]",
             *(f"{r} = {json.dumps(str(getattr(self, r)))}" for r in ROLES),

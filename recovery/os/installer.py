@@ -106,6 +106,14 @@ class IncompleteMarker:
         atomic_write(cfg / INCOMPLETE, json.dumps(doc).encode() + b"\n")
 
 
+def recovery_identity(config: RecoveryConfig, boot: Boot) -> dict[str, str]:
+    """Which recovery OS writes this verdict, for result.json: its version and the slot GRUB loaded."""
+    who = {"version": config.version or "unknown"}
+    if boot.slot:
+        who["slot"] = boot.slot
+    return who
+
+
 def _bundle_path(storage: Path, file: Path) -> Path:
     """The bundle's path below the storage mount, refusing symlinks that lead off that disk."""
     path = (storage / os.fspath(file).lstrip("/")).resolve()
@@ -174,6 +182,7 @@ class Installer:
             seconds=dict(self.seconds),
             bytes=nbytes,
             files=files,
+            recovery=recovery_identity(self.config, self.boot),
         )
 
     def run(self) -> Result:

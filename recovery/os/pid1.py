@@ -34,6 +34,7 @@ from recovery.os.installer import (
     RUN,
     SYSTEM_MOUNT,
     Installer,
+    recovery_identity,
     reset_fallback_counter,
 )
 from recovery.os.rollback import NoRollback, plan_rollback, tree_problem
@@ -189,7 +190,7 @@ def rollback(config: RecoveryConfig, boot: Boot, console: Console) -> None:
                                  problem=lambda: _system_look(config, tree_problem))
         except NoRollback as e:
             result = Result(Outcome.failed, f"cannot roll back: {e}", try_=boot.try_count, started=now(),
-                            finished=now())
+                            finished=now(), recovery=recovery_identity(config, boot))
             write_result(cfg, result)
             checkpoint_journal(cfg)
             _verdict(console, result)
@@ -288,6 +289,7 @@ def main() -> None:
         # Bytes that are not UTF-8 must end in a refusal, not in a crash that reboots into the same.
         boot = boot_from(Path("/proc/cmdline").read_text(errors="replace"), console)
         config = RecoveryConfig.load(DEFAULT_PATH)
+        console.say(f"recovery: version {config.version or 'unknown'}" + (f" (slot {boot.slot})" if boot.slot else ""))
         _start_udev(config.device_timeout)
         if boot.rescue:
             rescue(config, console)

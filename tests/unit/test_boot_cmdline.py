@@ -37,6 +37,9 @@ CONSOLE = "console=tty0 console=ttyS0,115200"
         # Quotes as the kernel reads them.
         ('recovery.try="2"', Boot(2, False)),
         ('"recovery.mode=rescue" recovery.try=1', Boot(1, True)),
+        # The slot GRUB loaded the recovery from (bootloader/recovery.cfg: recovery_boot).
+        (f"recovery.try=3 recovery.slot=b {CONSOLE}", Boot(3, False, slot="b")),
+        ("recovery.mode=rollback recovery.try=1 recovery.slot=a", Boot(1, rollback=True, slot="a")),
     ],
 )
 def test_grub_command_lines_are_accepted(cmdline: str, boot: Boot) -> None:
@@ -74,6 +77,10 @@ def test_grub_command_lines_are_accepted(cmdline: str, boot: Boot) -> None:
         ("recovery.try=", r"recovery\.try is '', not 1, 2 or 3"),
         ("recovery.try", r"recovery\.try without a value"),
         ("recovery.try=\u0663", r"recovery\.try is '\\u0663', not 1, 2 or 3"),  # str.isdigit() takes it
+        # Slots other than the two GRUB names.
+        ("recovery.try=1 recovery.slot=c", r"recovery\.slot is 'c', not a or b"),
+        ("recovery.slot=a recovery.slot=b", r"recovery\.slot given twice \('a', then 'b'\)"),
+        ("recovery.slot=../x", r"recovery\.slot is '\.\./x', not a or b"),
         # Names of ours it does not know (a typo must not fall back to an install).
         ("recovery.mod=rescue", r"unknown parameter 'recovery\.mod'"),
         ("recovery.try=1 recovery.action=install", r"unknown parameter 'recovery\.action'"),
@@ -144,20 +151,50 @@ def _words(line: str) -> list[str]:
 
 def _kernel_lines() -> list[str]:
     return [line.strip() for text in SCRIPTS.values() for line in text.splitlines()
-            if re.match(r"\s*(linux|initrd)\s", line)]
+            if re.match(r"\s*(if )?(linux|initrd)\s", line)]
+
+
+def _command(line: str) -> list[str]:
+    """The linux/initrd command's words, without an `if` before it or `; then` after it."""
+    words = _words(re.sub(r";\s*then$", "", line))
+    return words[1:] if words[0] == "if" else words
 
 
 def test_kernel_lines_expand_only_quoted_values_grub_made() -> None:
     lines = _kernel_lines()
-    assert len(lines) >= 6  # system, recovery and rescue entries: a linux and an initrd line each
+    assert len(lines) >= 6  # the system's two, and the recovery's from a slot and from the top
     for line in lines:
-        for word in _words(line)[1:]:
+        for word in _command(line)[1:]:
             names = set(EXPANSION.findall(word))
             if not names:
                 continue
             # Unquoted, GRUB would split a value into words, each a kernel argument.
             assert word.startswith('"') and word.endswith('"'), f"unquoted expansion {word} in: {line}"
-            assert names <= DEVICES | {"recovery_count"}, f"{names - DEVICES} expanded in: {line}"
+            # `slot` and the function's words ($@) are held to literals by the tests below.
+            assert names <= DEVICES | {"recovery_count", "slot", "@"}, f"{names - DEVICES} expanded in: {line}"
+
+
+def test_the_recovery_slot_on_a_kernel_line_is_only_ever_a_literal() -> None:
+    """cfg's recovery/slot block is only compared with `b`: the slot names GRUB passes come from
+    literals, and the loop runs over those two names only."""
+    text = SCRIPTS["recovery.cfg"]
+    sets = re.findall(r"^\s*set (recovery_active|recovery_standby)=(.*)$", text, re.MULTILINE)
+    assert sets and {value for _, value in sets} == {"a", "b"}, sets
+    assert re.findall(r"^\s*for slot in (.*); do$", text, re.MULTILINE) == ["$recovery_order"]
+    orders = set(re.findall(r"^\s*set recovery_order=(.*)$", text, re.MULTILINE))
+    assert orders == {'"$recovery_standby $recovery_active"', '"$recovery_active $recovery_standby"'}
+    for line in text.splitlines():
+        if "$recovery_slot" in line:
+            assert re.fullmatch(r'\s*if \[ "\$recovery_slot" = b \]; then', line), line.strip()
+
+
+def test_the_recovery_is_loaded_only_with_literal_words() -> None:
+    """Every call of recovery_boot passes literals and the entry's own count: what "$@" expands to."""
+    calls = re.findall(r"^\s*recovery_boot\b(.*)$", SCRIPTS["recovery.cfg"], re.MULTILINE)
+    assert len(calls) == 4, calls  # recovery, rescue (with and without a count), rollback
+    for args in calls:
+        for word in _words(args):
+            assert word in {"recovery.mode=rescue", "recovery.mode=rollback", '"recovery.try=$recovery_count"'}, word
 
 
 def test_the_try_count_on_a_kernel_line_is_only_ever_a_literal() -> None:
@@ -175,11 +212,18 @@ def test_the_try_count_on_a_kernel_line_is_only_ever_a_literal() -> None:
 
 def test_the_recovery_command_lines_are_these_four() -> None:
     """DESIGN.md's list: an install with its try, a rescue with its try, a rescue without one, a rollback
-    with its try; each with panic=10, so a recovery kernel that panics reboots into GRUB's next try."""
-    linux = [_words(line) for line in _kernel_lines() if line.startswith("linux") and "recoverydev" in line]
+    with its try; each with panic=10, so a recovery kernel that panics reboots into GRUB's next try.
+    The entries pass their words to recovery_boot, which adds the slot it loads from."""
+    text = SCRIPTS["recovery.cfg"]
+    calls = [" ".join(_words(args)) for args in re.findall(r"^\s*recovery_boot (.*)$", text, re.MULTILINE)]
+    assert sorted(calls) == sorted([
+        '"recovery.try=$recovery_count"',
+        'recovery.mode=rescue "recovery.try=$recovery_count"',
+        "recovery.mode=rescue",
+        'recovery.mode=rollback "recovery.try=$recovery_count"',
+    ])
+    linux = [_command(line) for line in _kernel_lines() if "linux" in line and "recoverydev" in line]
     assert sorted(" ".join(words[2:]) for words in linux) == sorted([
-        f'"recovery.try=$recovery_count" panic=10 {CONSOLE}',
-        f'recovery.mode=rescue "recovery.try=$recovery_count" panic=10 {CONSOLE}',
-        f"recovery.mode=rescue panic=10 {CONSOLE}",
-        f'recovery.mode=rollback "recovery.try=$recovery_count" panic=10 {CONSOLE}',
+        f'"$@" "recovery.slot=$slot" panic=10 {CONSOLE}',  # from slot a or b
+        f'"$@" panic=10 {CONSOLE}',  # a partition without slots
     ])

@@ -62,8 +62,9 @@ def test_instruction_is_read_through_a_whitelist():
     saves = re.findall(r"save_env .*$", text, re.MULTILINE)
     # From the instruction (and cfg's own block) only the try count; from the trial block only its two.
     whitelists = {line.split("--skip-sig")[1].split(";")[0].strip() for line in loads}
-    assert len(loads) == 4 and all("--skip-sig" in line for line in loads)
-    assert whitelists == {"recovery_try", "trial_max trial_boot"}, whitelists
+    assert len(loads) == 5 and all("--skip-sig" in line for line in loads)
+    # and from cfg's recovery/slot block only which slot is active
+    assert whitelists == {"recovery_try", "trial_max trial_boot", "recovery_slot"}, whitelists
     assert len(saves) == 2
     assert all(re.search(r'(\$recovery_counter" recovery_try|/recovery/trial" trial_boot)(; then)?$', line)
                for line in saves), saves
@@ -72,7 +73,7 @@ def test_instruction_is_read_through_a_whitelist():
     assert re.findall(r'set recovery_counter="(.*)"', text) == [
         "($cfgdev)/update-instruction", "($cfgdev)/recovery/grubenv", "($cfgdev)/recovery/grubenv"]
     # Variables the menu entries use must be exported, or GRUB's entry context does not see them.
-    assert "export cfgdev recoverydev recovery_try trial_counted" in text
+    assert "export cfgdev recoverydev recovery_try trial_counted recovery_active recovery_standby" in text
 
 
 def test_trial_boots_are_counted_with_literals_only():
@@ -85,22 +86,25 @@ def test_trial_boots_are_counted_with_literals_only():
     assert chain == [(str(n), str(n + 1)) for n in range(1, MAX_BOOTS)]
     for value in re.findall(r"^\s*set \w+=(.*)$", text, re.MULTILINE):
         assert value in {"", "1", "2", "3", "none", "rescue", "rollback", "recovery", '"$recovery_next"',
-                         '"$trial_next"', '"$recovery_entry"'} or value.startswith('"($cfgdev)/') \
+                         '"$trial_next"', '"$recovery_entry"', "a", "b", '"$recovery_active $recovery_standby"',
+                         '"$recovery_standby $recovery_active"'} or value.startswith('"($cfgdev)/') \
             or value.isdigit(), value
 
 
 def test_kernel_command_lines():
     recovery = (BOOTLOADER / "recovery.cfg").read_text()
     system = (BOOTLOADER / "grub.cfg").read_text()
-    linux = re.findall(r"^\s*linux (.*)$", recovery + system, re.MULTILINE)
-    # the rescue entry has one with its try count and one without; the system one on trial, one not
-    assert len(linux) == 6
+    linux = [re.sub(r"; then$", "", line)
+             for line in re.findall(r"^\s*(?:if )?linux (.*)$", recovery + system, re.MULTILINE)]
+    # the recovery's from a slot and from the top of a partition without slots; the system one on trial, one not
+    assert len(linux) == 4
     for line in linux:
         assert line.endswith("console=tty0 console=ttyS0,115200"), line  # serial last: /dev/console
-    assert any('"recovery.try=$recovery_count"' in line for line in linux)  # tests/unit/test_boot_cmdline.py
-    assert any("recovery.mode=rescue" in line for line in linux)
+    calls = re.findall(r"^\s*recovery_boot (.*)$", recovery, re.MULTILINE)
+    assert any('"recovery.try=$recovery_count"' in line for line in calls)  # tests/unit/test_boot_cmdline.py
+    assert any("recovery.mode=rescue" in line for line in calls)
     assert any("root=PARTLABEL=system" in line for line in linux)
-    assert any("recovery.mode=rollback" in line for line in linux)
+    assert any("recovery.mode=rollback" in line for line in calls)
     assert all("panic=10" in line for line in linux)  # a panic reboots, so GRUB counts the next try
     watched = [line for line in linux if "systemd.watchdog_sec=" in line]
     assert len(watched) == 1 and "root=PARTLABEL=system" in watched[0]

@@ -17,6 +17,7 @@ from mkimage.build import GRUB_SNIPPET, RECOVERY_IMAGE, build_recovery_only
 from mkimage.config import MiB
 from mkimage.recoveryos import _base_archive, recovery_spec
 from mkimage.rootfs import cache_path
+from recovery.core.slots import RecoveryImage
 
 
 @pytest.fixture
@@ -58,8 +59,17 @@ def test_recovery_only_from_cache(built_image, tmp_path, no_mmdebstrap):
     assert image.stat().st_size == config.partitions.recovery
     fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout
-    listing = subprocess.run(["debugfs", "-R", "ls /", str(image)], capture_output=True, text=True, check=True).stdout
-    assert "vmlinuz" in listing and "initrd.img" in listing
+    # Two slots holding the same recovery, each with its record (recovery/core/slots.py)
+    record = RecoveryImage.read(out)
+    assert record is not None and record.version == config.version
+    assert record == RecoveryImage.of(out, config.version)
+    for slot in ("a", "b"):
+        listing = subprocess.run(["debugfs", "-R", f"ls /{slot}", str(image)], capture_output=True, text=True,
+                                 check=True).stdout
+        assert {"vmlinuz", "initrd.img", "recovery.json"} <= set(listing.split()), listing
+        dumped = subprocess.run(["debugfs", "-R", f"cat /{slot}/recovery.json", str(image)], capture_output=True,
+                                check=True).stdout
+        assert RecoveryImage.from_json(dumped) == record
     assert (tmp_path / "out/keys/signing.pub").exists()
 
     base = _base_archive(cache_path(recovery_spec(config), config.cache), config.cache)
@@ -86,3 +96,5 @@ def test_recovery_toml_is_what_recovery_config_reads():
         "PARTLABEL=cfg", "PARTLABEL=system", "PARTLABEL=recovery", "PARTLABEL=storage",
     )
     assert str(parsed.keys) == "/etc/recovery/keys" and parsed.device_timeout == 30
+    assert parsed.version == "1.0.0"  # the factory's, unless built for a release that carries it
+    assert RecoveryConfig.from_dict(tomllib.loads(recovery_toml(load_config(None), "2.0.0"))).version == "2.0.0"
