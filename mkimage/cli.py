@@ -11,13 +11,14 @@ from pathlib import Path
 from recovery.core.bundle import verify_bundle
 from recovery.core.cli import add_debug, run_cli
 from recovery.core.errors import Rejected
-from recovery.core.keys import Keyring
+from recovery.core.keys import Keyring, public_key_files
 from vm.cli import add_commands as add_rig_commands
 
 from .build import build, build_recovery_only
 from .bundle import create_bundle, generate_keys
 from .config import load_config
 from .deb import build_deb
+from .keyring import DEFAULT_SIGNING_KEY, list_keys, new_key, revoke_key
 from .publish import notes_for, parse_duration, publish
 from .toollog import tool_log
 
@@ -25,6 +26,39 @@ from .toollog import tool_log
 def cmd_keygen(args: argparse.Namespace) -> int:
     pub = generate_keys(args.dir)
     print(f"wrote {args.dir / 'signing.pem'} (keep it private) and {pub}")
+    return 0
+
+
+def cmd_key_new(args: argparse.Namespace) -> int:
+    _, _, kid = new_key(args.dir, args.name)
+    print(f"made key {args.name} (keyid {kid}) in {args.dir}: "
+          "the next release built with this key directory introduces it")
+    return 0
+
+
+def cmd_key_revoke(args: argparse.Namespace) -> int:
+    if not revoke_key(args.keys, args.keyid):
+        print(f"{args.keyid} is already revoked in {args.keys}")
+        return 0
+    held = [path.name for path, kid, _ in public_key_files(args.keys) if kid == args.keyid]
+    print(f"revoked {args.keyid} ({', '.join(held) if held else 'no *.pub here holds it'}) in {args.keys}: "
+          "the next release built with this key directory refuses what it signs")
+    return 0
+
+
+def cmd_key_list(args: argparse.Namespace) -> int:
+    keys, signing = args.keys, args.signing_key
+    if args.config is not None:
+        config = load_config(args.config)
+        keys = keys or config.key_dir or config.output / "keys"
+        signing = signing or config.signing_key
+    keys, signing = keys or Path("keys"), signing or DEFAULT_SIGNING_KEY
+    entries = list_keys(keys, signing)
+    width = max((len(e.file or "-") for e in entries), default=1)
+    for e in entries:
+        print(f"{e.keyid}  {(e.file or '-').ljust(width)}  {e.state}" + ("  signs" if e.signs else ""))
+    if not any(e.signs for e in entries):
+        print(f"no key signs: {keys / signing} does not exist", file=sys.stderr)
     return 0
 
 
@@ -101,6 +135,23 @@ def parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keygen", help="write DIR/signing.pem (private) and DIR/signing.pub")
     k.add_argument("dir", type=Path)
     k.set_defaults(run=cmd_keygen)
+
+    key = sub.add_parser("key", help="make, revoke and list signing keys (rotation: README, DESIGN.md)")
+    keys = key.add_subparsers(dest="key_command", required=True)
+    kn = keys.add_parser("new", help="write DIR/NAME.pem (private) and DIR/NAME.pub; never overwrites")
+    kn.add_argument("name", metavar="NAME")
+    kn.add_argument("-o", "--output", dest="dir", type=Path, default=Path("keys"), help="the key directory (default: keys)")
+    kn.set_defaults(run=cmd_key_new)
+    kr = keys.add_parser("revoke", help="add KEYID to DIR/revoked: releases built from DIR refuse it")
+    kr.add_argument("keyid", metavar="KEYID")
+    kr.add_argument("--keys", type=Path, default=Path("keys"), help="the key directory (default: keys)")
+    kr.set_defaults(run=cmd_key_revoke)
+    kl = keys.add_parser("list", help="each key: keyid, file, trusted or revoked, and the one that signs")
+    kl.add_argument("--keys", type=Path, help="the key directory (default: keys, or the config's key_dir)")
+    kl.add_argument("--signing-key", metavar="NAME",
+                    help=f"the private key in DIR that signs (default: {DEFAULT_SIGNING_KEY}, or the config's signing_key)")
+    kl.add_argument("-c", "--config", type=Path, help="image.toml to take key_dir and signing_key from")
+    kl.set_defaults(run=cmd_key_list)
 
     b = sub.add_parser("bundle", help="make a signed bundle from a directory or a tar")
     b.add_argument("--key", type=Path, required=True, help="the private signing key (PEM)")

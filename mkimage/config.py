@@ -97,6 +97,8 @@ class ImageConfig:
     device_timeout: int = 30
     trial: Trial = Trial()
     daemon: Daemon = Daemon()
+    signing_key: str = "signing.pem"  # the private key in key_dir that signs (DESIGN.md, "Signing keys")
+    bundle_recovery: bool = False  # every release's bundle carries its own recovery OS
 
     @property
     def disk_size(self) -> int:
@@ -115,6 +117,7 @@ class ImageConfig:
 _KEYS = {
     "product", "version", "releases", "suite", "mirror", "security_mirror", "firmware", "key_dir",
     "output", "cache", "device_timeout", "partitions", "packages", "disk_size", "trial", "daemon",
+    "signing_key", "bundle_recovery",
 }
 _PACKAGE_KEYS = {"system", "recovery"}
 _TRIAL_KEYS = {"boots", "time_limit", "health_timeout"}
@@ -193,6 +196,9 @@ def _parse(data: dict[str, Any], base: Path, output: Path | None) -> ImageConfig
     timeout = data.get("device_timeout", 30)
     if not isinstance(timeout, int) or isinstance(timeout, bool) or not 1 <= timeout <= 600:
         raise ValueError(f"device_timeout {timeout!r}: seconds, 1 to 600")
+    bundle_recovery = data.get("bundle_recovery", False)
+    if not isinstance(bundle_recovery, bool):
+        raise ValueError(f"bundle_recovery {bundle_recovery!r}: true or false")
     packages = data.get("packages", {})
     system_packages = _packages(packages, "system")
     recovery_packages = _packages(packages, "recovery")
@@ -213,7 +219,15 @@ def _parse(data: dict[str, Any], base: Path, output: Path | None) -> ImageConfig
         device_timeout=timeout,
         trial=_trial(data.get("trial", {})),
         daemon=_daemon(data.get("daemon", {})),
+        signing_key=_signing_key(data.get("signing_key", "signing.pem")),
+        bundle_recovery=bundle_recovery,
     )
+
+
+def _signing_key(value: Any) -> str:
+    if not isinstance(value, str) or not value or "/" in value or value in (".", "..") or "\0" in value:
+        raise ValueError(f"signing_key {value!r}: the name of a private key file in key_dir, e.g. \"signing.pem\"")
+    return value
 
 
 def _daemon(table: Any) -> Daemon:

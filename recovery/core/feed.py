@@ -171,6 +171,8 @@ def verify_feed(raw: bytes, signature: bytes, keyring: Keyring) -> str:
         sig = Signature.parse(signature)
     except Rejected as e:
         raise Rejected(f"release feed signature is malformed: {e}") from None
+    if sig.keyid in keyring.revoked:
+        raise Rejected(f"release feed signed by revoked key {sig.keyid}")
     if sig.keyid not in keyring:
         raise Rejected(f"release feed signed by unknown key {sig.keyid}")
     try:
