@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recovery.core.envblock import format_envblock
-from recovery.core.errors import Rejected
 from recovery.core.keys import load_private_key, public_key_pem
 from recovery.core.output import step
 from recovery.core.slots import FILES as SLOT_FILES
@@ -24,6 +23,7 @@ from .deb import build_deb
 from .disk import Placement, assemble, make_ext4
 from .grub import BOOTLOADER, esp_volume_id, install_bios, make_core_images
 from .outlock import hold_output
+from .keyring import DEFAULT_SIGNING_KEY, ReleaseKeyring, install_keyring, release_keyring
 from .recoveryos import build_recovery_os
 from .system import build_system_base, prepare_system_tree
 from .toollog import tool_log
@@ -54,20 +54,19 @@ def build(config: ImageConfig) -> BuildResult:
     # Held to the end, taken before anything is written: a second build into `out` would delete this
     # one's work directory under it.
     with hold_output(out), step(f"Building {config.product} {config.version} ({config.firmware}) into {out}"), \
-            _recovery_first(config) as (work, keys_dir, private, recovery_dir):
+            _recovery_first(config) as (work, keys_dir, keyring, recovery_dir):
         base = build_system_base(config)
         deb = build_deb(work / "deb").path
-        public = sorted(keys_dir.glob("*.pub"))
         bundles: dict[str, Path] = {}
         versions = list(dict.fromkeys([config.version, *config.releases]))
         for version in versions:
-            tree = prepare_system_tree(base, config, version, work / f"system-{version}", public, deb)
+            tree = prepare_system_tree(base, config, version, work / f"system-{version}", keyring, deb)
             if config.bundle_recovery:
-                _carry_recovery(config, public, tree, version, recovery_dir, work)
+                _carry_recovery(config, keyring, tree, version, recovery_dir, work)
             if version in config.releases:
                 bundle = out / f"{config.product}-{version}.bundle"
                 with step(f"Making the bundle {bundle.name}"):
-                    create_bundle(tree, bundle, key=private, product=config.product, version=version)
+                    create_bundle(tree, bundle, key=keyring.signing, product=config.product, version=version)
                 bundles[version] = bundle
             if version != config.version:
                 shutil.rmtree(tree)
@@ -86,21 +85,22 @@ def build_recovery_only(config: ImageConfig) -> Path:
 
 
 @contextmanager
-def _recovery_first(config: ImageConfig) -> Iterator[tuple[Path, Path, Path, Path]]:
+def _recovery_first(config: ImageConfig) -> Iterator[tuple[Path, Path, ReleaseKeyring, Path]]:
     """What both builds start with, in an empty work directory that is removed again at the end:
-    (work directory, keys directory, private key, the recovery partition's directory)."""
+    (work directory, keys directory, the keyring releases ship and the key that signs, the recovery
+    partition's directory)."""
     out = config.output
     work = out / ".work"
     _clean(work)
     (out / BUILD_LOG).unlink(missing_ok=True)
-    keys_dir, private = _signing_keys(config, out)
+    keys_dir, keyring = _signing_keys(config, out)
     with tool_log(out / BUILD_LOG):
-        recovery_dir = _recovery_partition(config, sorted(keys_dir.glob("*.pub")), out / "recovery", work)
-        yield work, keys_dir, private, recovery_dir
+        recovery_dir = _recovery_partition(config, keyring, out / "recovery", work)
+        yield work, keys_dir, keyring, recovery_dir
     _clean(work)
 
 
-def _recovery_partition(config: ImageConfig, keys: list[Path], dest: Path, work: Path) -> Path:
+def _recovery_partition(config: ImageConfig, keys: ReleaseKeyring, dest: Path, work: Path) -> Path:
     """The recovery OS in `dest`, its partition as an ext4 image and the GRUB snippet beside it."""
     _clean(dest)
     with step("Building the recovery OS"):
@@ -121,7 +121,7 @@ def _recovery_partition(config: ImageConfig, keys: list[Path], dest: Path, work:
     return dest
 
 
-def _carry_recovery(config: ImageConfig, keys: list[Path], tree: Path, version: str, factory: Path,
+def _carry_recovery(config: ImageConfig, keys: ReleaseKeyring, tree: Path, version: str, factory: Path,
                     work: Path) -> None:
     """A release's own recovery OS, in its tree where the running system finds it once the release has
     confirmed itself (recovery/updated/recoveryslots.py): built with this release's version and keys.
@@ -136,12 +136,14 @@ def _carry_recovery(config: ImageConfig, keys: list[Path], tree: Path, version: 
         build_recovery_os(config, keys, dest, work / f"recovery-{version}", version=version)
 
 
-def _signing_keys(config: ImageConfig, out: Path) -> tuple[Path, Path]:
-    """DIR/keys/ with signing.pub, and the private key to sign with (which never enters an image)."""
+def _signing_keys(config: ImageConfig, out: Path) -> tuple[Path, ReleaseKeyring]:
+    """DIR/keys/ with the public keys releases trust (and `revoked`), and the keyring with the private key
+    to sign with (which never enters an image): from `key_dir`, else a development key in DIR/keys/.
+    A keyring without a trusted key, or whose signing key it does not trust, is refused here."""
 
     keys = out / "keys"
     if config.key_dir is None:
-        pem = keys / "signing.pem"
+        pem = keys / DEFAULT_SIGNING_KEY
         if pem.exists():
             # Bundles of an earlier build stay installable: never replace a key, at most its public half.
             if not (keys / "signing.pub").exists():
@@ -153,18 +155,12 @@ def _signing_keys(config: ImageConfig, out: Path) -> tuple[Path, Path]:
                 stale.unlink()
             generate_keys(keys)
             log.warning("generated a development signing key in %s: configure key_dir for real releases", keys)
-        return keys, pem
-    private, public = config.key_dir / "signing.pem", config.key_dir / "signing.pub"
-    for path in (private, public):
-        if not path.is_file():
-            raise Rejected(f"key_dir {config.key_dir} lacks {path.name} (make both with `reflash keygen DIR`)")
-    keys.mkdir(parents=True, exist_ok=True)
-    for stale in keys.glob("*.pub"):
-        stale.unlink()
-    if (keys / "signing.pem").exists():
-        log.warning("%s is a development key from an earlier build: not used, not trusted", keys / "signing.pem")
-    shutil.copy2(public, keys / "signing.pub")
-    return keys, private
+        return keys, release_keyring(keys)
+    keyring = release_keyring(config.key_dir, config.signing_key)
+    if (keys / DEFAULT_SIGNING_KEY).exists():
+        log.warning("%s is a development key from an earlier build: not used, not trusted", keys / DEFAULT_SIGNING_KEY)
+    install_keyring(keyring, keys)
+    return keys, keyring
 
 
 def _disk_image(config: ImageConfig, out: Path, work: Path, recovery_dir: Path, system_tree: Path,

@@ -23,6 +23,7 @@ from recovery.core.run import run
 from recovery.core.slots import write_record
 
 from .config import ImageConfig
+from .keyring import ReleaseKeyring, install_keyring
 from .libxml2stub import build_libxml2_stub
 from .modules import RECOVERY_MODULES, copy_modules
 from .project import install_project
@@ -103,10 +104,10 @@ def recovery_toml(config: ImageConfig, version: str | None = None) -> str:
     )
 
 
-def build_recovery_os(config: ImageConfig, keys: list[Path], dest: Path, work: Path, *,
+def build_recovery_os(config: ImageConfig, keys: ReleaseKeyring, dest: Path, work: Path, *,
                       version: str | None = None) -> RecoveryOS:
     """Write `dest`/vmlinuz, `dest`/initrd.img and their `recovery.json` (recovery/core/slots.py);
-    `keys` are the public keys the recovery trusts, `version` its version (default: the factory's)."""
+    `keys` is the keyring the recovery trusts (its *.pub and revoked), `version` its version (default: the factory's)."""
     version = version or config.version
     base = build_rootfs(recovery_spec(config), config.cache)
     kver = kernel_version(base)
@@ -133,14 +134,14 @@ def build_recovery_os(config: ImageConfig, keys: list[Path], dest: Path, work: P
     return RecoveryOS(dir=dest, kernel=dest / "vmlinuz", initrd=dest / "initrd.img", kernel_version=kver)
 
 
-def _fill_overlay(overlay: Path, base: Path, kver: str, config: ImageConfig, keys: list[Path], version: str) -> None:
+def _fill_overlay(overlay: Path, base: Path, kver: str, config: ImageConfig, keys: ReleaseKeyring,
+                  version: str) -> None:
     (overlay / "init").write_text(INIT)
     (overlay / "init").chmod(0o755)
     etc = overlay / "etc/recovery"
-    (etc / "keys").mkdir(parents=True)
+    etc.mkdir(parents=True)
     (etc / "recovery.toml").write_text(recovery_toml(config, version))
-    for key in keys:
-        shutil.copy2(key, etc / "keys" / key.name)
+    install_keyring(keys, etc / "keys")
     # e2fsck and mount look for mounted file systems in /etc/mtab.
     (overlay / "etc/mtab").symlink_to("../proc/self/mounts")
     install_project(overlay, "os")

@@ -14,6 +14,7 @@ from recovery.core.run import run
 
 from .config import ImageConfig
 from .deb import PACKAGE, dependencies
+from .keyring import ReleaseKeyring, install_keyring
 from .modules import SYSTEM_MODULES, trim_modules
 from .rootfs import RootfsSpec, build_rootfs, kernel_version
 from .toollog import run_logged
@@ -90,11 +91,11 @@ def build_system_base(config: ImageConfig) -> Path:
     return build_rootfs(system_spec(config), config.cache)
 
 
-def prepare_system_tree(base: Path, config: ImageConfig, version: str, dest: Path, keys: list[Path],
+def prepare_system_tree(base: Path, config: ImageConfig, version: str, dest: Path, keys: ReleaseKeyring,
                         deb: Path) -> Path:
     """Copy the cached base to `dest` and make it release `version` of the product.
 
-    `keys` are the public keys `reflashctl` trusts; `deb` is the reflash-appliance package.
+    `keys` is the keyring `reflashctl` trusts (its *.pub and revoked); `deb` is the reflash-appliance package.
     """
     with step(f"Preparing the system tree {config.product} {version}"):
         if dest.exists():
@@ -122,8 +123,7 @@ def prepare_system_tree(base: Path, config: ImageConfig, version: str, dest: Pat
         install_package(dest, deb)
         # The package's skeleton made the product's: dpkg keeps it on upgrades as an edited conffile.
         _write(dest / "etc/recovery/system.toml", _system_toml(config))
-        for key in keys:
-            shutil.copy2(key, dest / "etc/recovery/keys" / key.name)
+        install_keyring(keys, dest / "etc/recovery/keys")
     return dest
 
 
