@@ -20,7 +20,7 @@ from recovery.core.errors import Failed, Rejected
 from recovery.core.output import MiB, strip_controls
 from recovery.core.run import reboot_now
 from recovery.core.trial import read_failed
-from recovery.updated import apitoken, trial
+from recovery.updated import apitoken, recoveryslots, trial
 from recovery.updated.client import Client
 from recovery.updated.operations import Operations, up_to_date
 from recovery.updated.servicestate import Phase
@@ -176,7 +176,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    state = Operations(_updater(args)).status()
+    ops = Operations(_updater(args))
+    state = ops.status()
+    recovery = _recovery_status(ops.config)
+    if recovery is not None:
+        state["recovery"] = recovery
     if args.json:
         print(json.dumps(state, indent=2, sort_keys=True))
         return 0
@@ -204,12 +208,24 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"download: unreadable record: {state['download_error']}")
     elif download is not None:
         print(f"download: {_download_line(download)}")
+    if recovery is not None:
+        print(f"recovery: unknown ({recovery['error']})" if "error" in recovery else recoveryslots.status_line(recovery))
     last = state["last_result"]
     print(f"last update: {last['summary'] if last else 'none recorded'}")
     for earlier in (last or {}).get("previous", ()):
         when = f" on {earlier['finished']}" if earlier.get("finished") else ""
         print(f"  before that: try {earlier['try']} failed: {earlier['reason']}{when}")
     return 0
+
+
+def _recovery_status(config: SystemConfig) -> dict[str, Any] | None:
+    """The recovery partition's slots; None without one (no line then); `{"error"}` when unreadable, which
+    the status shows as its warning (a log line would break `--json`: the log goes to stdout)."""
+    try:
+        return recoveryslots.slots_status(config)
+    except Exception as e:  # noqa: BLE001 - status shows what it can, whatever this says
+        log.debug("cannot read the recovery slots", exc_info=True)
+        return {"error": str(e)}
 
 
 def _headline(state: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from recovery.core.errors import Rejected
+from recovery.core.instruction import DiskSpec
 from recovery.core.osrelease import OsRelease, read_os_release
 from recovery.core.toml import read_toml
 
@@ -26,8 +27,11 @@ INSTRUCTION = "update-instruction"  # below cfg; the name GRUB and the recovery 
 DEFAULT_OS_RELEASE = Path("/etc/os-release")
 
 
+DEFAULT_RECOVERY_SOURCE = Path("/usr/lib/reflash/recovery")  # a release's own recovery OS, in its tree
+
+
 KNOWN = {"product", "keys", "cfg", "storage", "storage_disk", "bundles", "os_release", "health_dir",
-         "trial_time_limit", "health_timeout", "daemon", "fleet"}
+         "trial_time_limit", "health_timeout", "daemon", "fleet", "recovery_source", "recovery_disk"}
 
 
 DEFAULT_SOCKET = Path("/run/reflash/reflashd.sock")
@@ -159,6 +163,8 @@ class SystemConfig:
     health_timeout: float = 60.0  # seconds each health check may take
     daemon: DaemonConfig = DaemonConfig()
     fleet: FleetConfig | None = None  # no [fleet]: the appliance reports to no fleet server
+    recovery_source: Path = DEFAULT_RECOVERY_SOURCE  # none there: the release carries no recovery
+    recovery_disk: str = "PARTLABEL=recovery"  # the recovery partition, whose inactive slot gets it
 
     @property
     def bundle_dir(self) -> Path:
@@ -189,6 +195,12 @@ class SystemConfig:
                 raise Rejected(f"{source}: {key} must be an absolute path, not {value}")
             return value
 
+        def disk(key: str, default: str) -> str:
+            try:
+                return str(DiskSpec.parse(text(key, default)))
+            except Rejected as e:
+                raise e.context(f"{source}: {key}") from None
+
         unknown = sorted(set(data) - KNOWN)
         if unknown:
             # A warning, not a rejection: an image builder may add settings for other tools.
@@ -216,6 +228,8 @@ class SystemConfig:
             os_release=absolute("os_release", str(DEFAULT_OS_RELEASE)),
             daemon=DaemonConfig.from_dict(data.get("daemon", {}), source),
             fleet=FleetConfig.from_dict(data["fleet"], source) if "fleet" in data else None,
+            recovery_source=absolute("recovery_source", str(DEFAULT_RECOVERY_SOURCE)),
+            recovery_disk=disk("recovery_disk", "PARTLABEL=recovery"),
         )
 
     def running_version(self) -> str | None:

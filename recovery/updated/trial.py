@@ -29,6 +29,7 @@ from recovery.core.trial import (
     read_fallback,
     write_fallback,
 )
+from recovery.updated import recoveryslots
 from recovery.updated.sysconfig import SystemConfig
 
 log = logging.getLogger(__name__)
@@ -129,9 +130,18 @@ def confirm(config: SystemConfig, *, check: bool, reboot: Reboot) -> str:
 
 def settle(config: SystemConfig) -> None:
     """Outside a trial, the fallback is the bundle of the release that was installed (and so confirmed):
-    bring the record up to date and remove the bundle it replaces. Idempotent; run at every boot."""
+    bring the record up to date and remove the bundle it replaces; then the recovery partition gets
+    the recovery OS the release carries, if it is new. Idempotent; run at every boot."""
     if TrialCounter.read(config.cfg).on_trial:
         return
+    _settle_fallback(config)
+    try:
+        recoveryslots.update_recovery(config)
+    except Exception as e:  # noqa: BLE001 - it never raises; if it did, the boot goes on all the same
+        log.warning("recovery-slots: the recovery was not updated: %s", e)
+
+
+def _settle_fallback(config: SystemConfig) -> None:
     installed = Installed.read(config.cfg)
     if installed is None:
         return
