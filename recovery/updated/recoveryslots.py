@@ -190,9 +190,9 @@ class Plan:
     """What the update will do, decided with the partition mounted read-only."""
 
     image: RecoveryImage  # what the release carries
-    active: str
-    inactive: str
-    keeps: RecoveryImage | None  # what the active slot holds, and keeps
+    active: str  # the slot kept as it is (the active one, unless it is damaged and the other whole)
+    inactive: str  # the slot written, and then made active
+    keeps: RecoveryImage | None  # what the kept slot holds
 
 
 def _say(line: str) -> str:
@@ -235,14 +235,13 @@ def _update(config: SystemConfig, partition: Partition, before_verify: Callable[
         if not _slotted(root):
             return _say(SINGLE)
         active = read_active_slot(config.cfg)
-        keeps = _record(root / active)
-        if keeps == image:
+        if _record(root / active) == image:
             return None  # the usual boot: the active slot holds this release's recovery
-    # Every check of the source before the inactive slot is touched: it is GRUB's second chance.
+        plan = _choose(root, image, active)
+    # Every check of the source before a slot is touched: the slot written may be GRUB's second chance.
     problem = _mismatch(source, image, from_disk=False)
     if problem is not None:
         raise SlotError(f"the release's recovery in {source} is damaged: {problem}")
-    plan = Plan(image, active, other(active), keeps)
     with _mounted(partition, device, read_only=False) as root:
         if os.statvfs(root).f_flag & os.ST_RDONLY:
             raise SlotError(f"the recovery partition {device} is read-only (mounted read-only elsewhere?)")
@@ -253,6 +252,24 @@ def _update(config: SystemConfig, partition: Partition, before_verify: Callable[
         raise SlotError(f"slot {plan.inactive} is verified, but cannot switch to it: {e}") from None
     held = plan.keeps.version if plan.keeps else "nothing"
     return _say(f"recovery {image.version} in slot {plan.inactive} is active; slot {plan.active} keeps {held}")
+
+
+def _whole(directory: Path) -> RecoveryImage | None:
+    """The slot's record when its files match it (read through the page cache); else None."""
+    record = _record(directory)
+    return record if record is not None and _mismatch(directory, record, from_disk=False) is None else None
+
+
+def _choose(root: Path, image: RecoveryImage, active: str) -> Plan:
+    """Which slot to write: the inactive one, unless that is the only whole recovery on the partition
+    (the active one is damaged: GRUB's tries 1 and 2 failed there, and try 3 got here through the other
+    one). Then the damaged active slot is written, and the whole one is kept for a failing new one."""
+    inactive = other(active)
+    kept, spare = _whole(root / active), _whole(root / inactive)
+    if kept is None and spare is not None:
+        _say(f"slot {active} is damaged: its recovery is replaced, slot {inactive} (recovery {spare.version}) is kept")
+        return Plan(image, active=inactive, inactive=active, keeps=spare)
+    return Plan(image, active=active, inactive=inactive, keeps=kept or _record(root / active))
 
 
 def _apply(plan: Plan, source: Path, root: Path, before_verify: Callable[[Path], None] | None) -> None:

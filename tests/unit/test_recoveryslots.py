@@ -208,6 +208,27 @@ def test_the_next_release_goes_into_slot_a(
     assert disk.slot("a") == files_of(newer) and disk.slot("b") == files_of(source)
 
 
+def test_a_damaged_active_slot_is_the_one_written_when_the_other_is_the_only_whole_recovery(
+        tmp_path: Path, make_disk, source: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Slot a (active) truncated, slot b whole: GRUB's third try ran b. Writing b would leave, until the
+    switch, no whole recovery at all; the damaged a is written instead and b is kept."""
+    tree = tmp_path / "tree"
+    make_recovery(tree / "a", "1.0.0")
+    make_recovery(tree / "b", "1.0.0")
+    with open(tree / "a/initrd.img", "r+b") as f:
+        f.truncate(3)
+    disk = make_disk(tree)
+    config = config_for(tmp_path, source)
+    slot_b = disk.slot("b")
+    said = update_recovery(config, partition=disk.partition)
+    assert said == "recovery-slots: recovery 2.0.0 in slot a is active; slot b keeps 1.0.0"
+    assert lines(capsys) == [
+        "recovery-slots: slot a is damaged: its recovery is replaced, slot b (recovery 1.0.0) is kept",
+        "recovery-slots: writing recovery 2.0.0 into slot a", "recovery-slots: slot a verified (recovery 2.0.0)", said]
+    assert disk.slot("a") == files_of(source) and disk.slot("b") == slot_b
+    assert active_block(config) == {"recovery_slot": "a"}
+
+
 def test_a_release_without_a_recovery_touches_nothing(tmp_path: Path) -> None:
     def find(spec: str) -> Path:
         raise AssertionError("looked for the recovery partition")
