@@ -9,6 +9,7 @@ files are complete, and becomes active through one atomic write of `recovery/slo
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -218,6 +219,17 @@ def update_recovery(config: SystemConfig, *, partition: Partition = Partition(),
         return _warn(f"the recovery was not updated: {e}")
 
 
+@contextmanager
+def _one_writer(base: Path) -> Iterator[None]:
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+LOCK = "recovery-slots.lock"
+
+
 def _update(config: SystemConfig, partition: Partition, before_verify: Callable[[Path], None] | None) -> str | None:
     source = config.recovery_source
     try:
@@ -228,6 +240,14 @@ def _update(config: SystemConfig, partition: Partition, before_verify: Callable[
         raise SlotError(f"cannot read the release's recovery in {source}: {e.strerror or e}") from None
     if image is None:
         return None  # a release without a recovery of its own
+    # The guard (at boot) and confirm (after multi-user) both settle outside a trial: one at a time.
+    with _one_writer(partition.base):
+        return _update_with(config, partition, image, before_verify)
+
+
+def _update_with(config: SystemConfig, partition: Partition, image: RecoveryImage,
+                 before_verify: Callable[[Path], None] | None) -> str | None:
+    source = config.recovery_source
     device = partition.find(config.recovery_disk)
     if device is None:
         raise SlotError(f"no recovery partition {config.recovery_disk}: the recovery is not updated")

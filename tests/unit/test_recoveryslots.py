@@ -23,6 +23,7 @@ from recovery.core.trial import start_trial
 from recovery.updated import recoveryslots, trial
 from recovery.updated.cli import main
 from recovery.updated.recoveryslots import (
+    LOCK,
     SINGLE,
     Partition,
     mount_device,
@@ -151,7 +152,7 @@ def test_the_first_update_writes_slot_b_verifies_it_and_switches(
     assert active_block(config) == {"recovery_slot": "b"}
     assert disk.slot("b") == files_of(source)  # no temp names left, the record last of all
     assert disk.slot("a") == slot_a
-    assert list(disk.base.iterdir()) == []  # unmounted, the private mount point removed
+    assert [p.name for p in disk.base.iterdir()] == [LOCK]  # unmounted, the private mount point removed
     assert subprocess.run(["findmnt", "--source", str(disk.device)], capture_output=True).returncode != 0
     assert disk.mounts == [True, False]  # looked read-only, wrote read-write
 
@@ -366,7 +367,7 @@ def test_a_partition_mounted_elsewhere_is_updated_all_the_same(
 
 def test_failures_are_one_line_and_never_raise(tmp_path: Path, source: Path) -> None:
     config = config_for(tmp_path, source)
-    assert update_recovery(config, partition=Partition(find=lambda spec: None)) == (
+    assert update_recovery(config, partition=Partition(find=lambda spec: None, base=tmp_path / "run")) == (
         "recovery-slots: no recovery partition PARTLABEL=recovery: the recovery is not updated")
 
     def refuse(device: Path, target: Path, read_only: bool) -> None:
@@ -376,12 +377,12 @@ def test_failures_are_one_line_and_never_raise(tmp_path: Path, source: Path) -> 
                                                        base=tmp_path / "run"))
     assert said == ("recovery-slots: cannot mount the recovery partition /dev/sdz4: mount exited with status 32: "
                     "mount: wrong fs type")
-    assert list((tmp_path / "run").iterdir()) == []
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [LOCK]
 
     def broken(spec: str) -> Path:
         raise OSError(5, "Input/output error")
 
-    assert update_recovery(config, partition=Partition(find=broken)) == (
+    assert update_recovery(config, partition=Partition(find=broken, base=tmp_path / "run")) == (
         "recovery-slots: the recovery was not updated: [Errno 5] Input/output error")
 
 
