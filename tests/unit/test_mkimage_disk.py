@@ -205,9 +205,13 @@ def test_demo_system_is_release_1(built_image, demo_fs):
 
 def test_demo_cfg_has_only_grubs_counter_and_the_fallback(demo_fs, tmp_path):
     """cfg starts with no instruction, no result and no trial: only the empty block GRUB counts garbage
-    in, and the record of the factory bundle as the fallback."""
+    in, the record of the factory bundle as the fallback, and the block naming recovery slot a active."""
     names = [line.split()[-1] for line in debugfs(demo_fs["cfg"], "ls -l /recovery").splitlines() if line.strip()]
-    assert sorted(names) == [".", "..", "fallback.json", "grubenv"]
+    assert sorted(names) == [".", "..", "fallback.json", "grubenv", "slot"]
+    slot = tmp_path / "slot"
+    debugfs(demo_fs["cfg"], f"dump /recovery/slot {slot}")
+    listed = subprocess.run(["grub-editenv", str(slot), "list"], capture_output=True, text=True, check=True)
+    assert listed.stdout == "recovery_slot=a\n"
     assert "update-instruction" not in debugfs(demo_fs["cfg"], "ls /")
     block = tmp_path / "grubenv"
     debugfs(demo_fs["cfg"], f"dump /recovery/grubenv {block}")
@@ -216,8 +220,9 @@ def test_demo_cfg_has_only_grubs_counter_and_the_fallback(demo_fs, tmp_path):
 
 
 def test_demo_recovery_partition(built_image, demo_fs):
-    listing = debugfs(demo_fs["recovery"], "ls /")
-    assert "vmlinuz" in listing and "initrd.img" in listing
+    for slot in ("a", "b"):
+        listing = debugfs(demo_fs["recovery"], f"ls /{slot}")
+        assert "vmlinuz" in listing and "initrd.img" in listing and "recovery.json" in listing
     initrd = built_image.recovery / "initrd.img"
     assert initrd.stat().st_size <= 40 * MiB
     assert (built_image.recovery / "vmlinuz").exists()
