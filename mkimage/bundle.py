@@ -7,6 +7,9 @@ re-encodes each entry as pax, keeping the xattrs, ACLs and sparse maps it read.
 ACL entries must carry numbers (recovery/core/acl.py says why). GNU tar writes names where this machine
 knows them: such a payload is re-encoded once with the numbers this machine gives those names, which
 are the numbers the tree had. A tar given as the source must carry numbers itself.
+
+What the payload gains beyond the tree (the boot menu's links, a recovery given with `recovery`) is
+appended in one more libarchive pass, never written into the source.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import pwd
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -68,6 +72,15 @@ from recovery.core.manifest import (
 from recovery.core.outertar import CHUNK
 from recovery.core.output import step
 from recovery.core.run import run
+from recovery.core.slots import (
+    FILES,
+    IN_RELEASE,
+    MAX_RECORD,
+    RECORD,
+    FileDigest,
+    RecoveryImage,
+    digest_file,
+)
 
 from .bootable import TreeIndex, check_bootable, normal
 
@@ -75,6 +88,10 @@ log = logging.getLogger(__name__)
 
 NAME_MAX = 255
 ZSTD_LEVEL = 9  # between zstd's fast default (3) and its slow maximum (19); multi-threaded
+
+RECOVERY_FILES = (*FILES.values(), RECORD)  # as `reflash recovery` writes them, and a release carries them
+_CARRIES_ONE = (f"the tree already carries a recovery at /{IN_RELEASE}: leave out --recovery, or remove it "
+                "from the tree")
 
 _GNU_TAR_FILTER = {Compression.zstd: "--zstd", Compression.xz: "--xz", Compression.gzip: "--gzip"}
 _LIBARCHIVE_FILTER = {
@@ -107,12 +124,15 @@ def generate_keys(directory: Path) -> Path:
 
 def create_bundle(
     source: Path, output: Path, *, key: Path, product: str, version: str, compression: str = "zstd",
-    check_boot: bool = True,
+    check_boot: bool = True, recovery: Path | None = None,
 ) -> Manifest:
     """Make the signed bundle `output` from `source` (a directory or a tar); return its manifest.
 
     The payload is staged next to `output` and the bundle appears only complete (temp file + rename).
     Unless `check_boot` is False, a tree that cannot boot as `version` is refused (mkimage/bootable.py).
+    `recovery` is a directory as `reflash recovery` writes it (vmlinuz, initrd.img, recovery.json): the
+    payload carries it at /usr/lib/reflash/recovery, which the tree must not have. A recovery the tree
+    carries itself must match its recovery.json.
     """
     source, output = Path(source), Path(output)
     try:
@@ -121,6 +141,7 @@ def create_bundle(
         raise Rejected(f"unknown compression {compression!r} (known: {', '.join(Compression)})") from None
     private = load_private_key(Path(key))
     created = _created()
+    mtime = int(datetime.fromisoformat(created).timestamp())
     # Construct once with placeholders so a bad product or version fails before the long work.
     Manifest(FORMAT, product, version, created, PayloadInfo(comp.payload_name, 0, None, comp, BlockDigests(BLOCK_SIZE, b"")),
              0, 0)
@@ -128,6 +149,10 @@ def create_bundle(
         raise Rejected(f"source {source} does not exist")
     if not output.parent.is_dir():
         raise Rejected(f"output directory {output.parent} does not exist")
+    if recovery is not None:
+        _check_recovery_dir(Path(recovery))
+        if source.is_dir() and os.path.lexists(source / IN_RELEASE):
+            raise Rejected(_CARRIES_ONE)
 
     with _temp_next_to(output, ".payload") as payload, _temp_next_to(output, ".tmp") as staged:
         with step(f"Packing {source} ({comp})"):
@@ -136,15 +161,20 @@ def create_bundle(
             else:
                 _payload_from_tar(source, payload, comp)
         with step("Counting and hashing the payload"):
-            index = TreeIndex()
-            files, nbytes = _counted_with_numbered_acls(payload, comp, source, index)
+            index, carried = TreeIndex(), _Digests(_in_release)
+            files, nbytes = _counted_with_numbered_acls(payload, comp, source, index, carried)
             if files == 0:
                 raise Rejected(f"source {source} holds no entries: a bundle of it would install nothing")
-            if links := index.boot_links():
-                _add_links(payload, comp, links, int(datetime.fromisoformat(created).timestamp()))
+            if recovery is None:
+                _check_carried(payload, index, carried)
+                dirs: list[str] = []
+            else:
+                dirs = _recovery_dirs(index)
+            if (links := index.boot_links()) or recovery is not None:
+                more_files, more_bytes = _append(payload, comp, mtime, links, dirs, recovery)
+                files, nbytes = files + more_files, nbytes + more_bytes
                 for path, target in links:
                     index.add(path, "symlink", target)
-                files += len(links)
             if check_boot:
                 check_bootable(index, version)
             size, blocks = _block_digests(payload)
@@ -220,10 +250,12 @@ def _check_entry_path(name: str | bytes | None, source: Path) -> None:
         raise Rejected(f"{source}: entry {text[:80]!r}… has a name longer than {NAME_MAX} bytes")
 
 
-def _count(payload: Path, index: TreeIndex | None = None) -> tuple[int, int, tuple[str, AclEntry] | None]:
+def _count(
+    payload: Path, index: TreeIndex | None = None, digests: _Digests | None = None
+) -> tuple[int, int, tuple[str, AclEntry] | None]:
     """Entries of every type, the bytes of regular files that carry data (hardlinks carry none), and
     the first ACL entry that names a user or group without a number (with its path), if any; `index`
-    learns every path (for the bootability check)."""
+    learns every path (for the bootability check), `digests` hashes the files it wants."""
     files = nbytes = 0
     unnumbered: tuple[str, AclEntry] | None = None
     try:
@@ -232,26 +264,29 @@ def _count(payload: Path, index: TreeIndex | None = None) -> tuple[int, int, tup
                 files += 1
                 if is_regular(entry):
                     nbytes += entry_size(entry)
+                name = os.fsdecode(entry_pathname(entry) or b"")
+                kind = kind_of(entry)
                 if index is not None:
-                    name = os.fsdecode(entry_pathname(entry) or b"")
-                    kind = kind_of(entry)
                     link = entry_hardlink(entry) if kind == "hardlink" else entry_symlink(entry)
                     index.add(name, kind, os.fsdecode(link) if link is not None else None)
                     if kind == "file" and index.wants_text(name) and entry_size(entry) <= 64 * 1024:
                         index.texts[normal(name)] = b"".join(bytes(b) for b in reader.data(CHUNK))
+                if digests is not None and kind == "file" and digests.wanted(normal(name)):
+                    digests.take(normal(name), reader.data(CHUNK))
                 if unnumbered is None and has_acl(entry) and (bad := without_id(acl_entries(entry))):
-                    unnumbered = (os.fsdecode(entry_pathname(entry) or b""), bad[0])
+                    unnumbered = (name, bad[0])
     except ArchiveError as e:
         raise Rejected(f"the payload just written cannot be read back: {e}") from None
     return files, nbytes, unnumbered
 
 
 def _counted_with_numbered_acls(
-    payload: Path, comp: Compression, source: Path, index: TreeIndex | None = None
+    payload: Path, comp: Compression, source: Path, index: TreeIndex | None = None,
+    digests: _Digests | None = None,
 ) -> tuple[int, int]:
     """The payload's entries and file bytes, once every ACL entry in it carries a number: those GNU tar
     wrote by name are numbered here when the source is a directory; a tar with names only is refused."""
-    files, nbytes, unnumbered = _count(payload, index)
+    files, nbytes, unnumbered = _count(payload, index, digests)
     if unnumbered is None:
         return files, nbytes
     where, acl = unnumbered
@@ -263,6 +298,111 @@ def _counted_with_numbered_acls(
     files, nbytes, unnumbered = _count(payload)
     assert unnumbered is None
     return files, nbytes
+
+
+@dataclass
+class _Digests:
+    """Size and sha256 of the payload's regular files that `wanted` picks (by path below the root), and
+    their bytes too when they are no larger than a recovery.json may be."""
+
+    wanted: Callable[[str], bool]
+    found: dict[str, tuple[FileDigest, bytes | None]] = field(default_factory=dict)
+
+    def take(self, path: str, data: Iterator[memoryview]) -> None:
+        h, size, small = hashlib.sha256(), 0, bytearray()
+        for block in data:
+            h.update(block)
+            size += len(block)
+            if size <= MAX_RECORD:
+                small += block
+        self.found[path] = (FileDigest(size, h.hexdigest()), bytes(small) if size <= MAX_RECORD else None)
+
+
+def _in_release(path: str) -> bool:
+    return path.startswith(f"{IN_RELEASE}/")
+
+
+def _check_carried(payload: Path, index: TreeIndex, carried: _Digests) -> None:
+    """Refuse a tree whose own recovery (at /usr/lib/reflash/recovery) does not match its recovery.json,
+    or whose record is malformed: the running system would refuse to install it, long after the release
+    shipped. Judged on the payload, links followed inside the tree; no recovery.json, nothing to check."""
+    if f"{IN_RELEASE}/{RECORD}" not in index.kinds:
+        return
+    where = f"the recovery the tree carries at /{IN_RELEASE}"
+    paths, hardlinks = {}, {}
+    for name in RECOVERY_FILES:
+        path = f"{IN_RELEASE}/{name}"
+        if not index.is_file(path):
+            raise Rejected(f"{where} has no {name}: {index.why_not_file(path)}")
+        found = index.resolve(path)
+        assert found is not None
+        kind, target = index.lookup(found)
+        paths[name] = normal(target or "") if kind == "hardlink" else found
+        if kind == "hardlink":
+            hardlinks[name] = found
+    if elsewhere := {path for path in paths.values() if path not in carried.found}:
+        # A link leads out of /usr/lib/reflash/recovery: read the payload once more for those files.
+        more = _Digests(elsewhere.__contains__)
+        _count(payload, digests=more)
+        carried.found.update(more.found)
+    for name, path in paths.items():
+        if path not in carried.found:  # only a hard link can lead to no file: is_file took its word
+            raise Rejected(f"{where} has no {name}: /{hardlinks[name]} is a hard link to /{path}, "
+                           "no file of the tree")
+    record = f"/{IN_RELEASE}/{RECORD} in the tree"
+    raw = carried.found[paths[RECORD]][1]
+    if raw is None:
+        raise Rejected(f"malformed {record}: larger than {MAX_RECORD} bytes")
+    image = RecoveryImage.from_json(raw, what=record)
+    if (why := _mismatch(image, {name: carried.found[paths[name]][0] for name in FILES.values()})) is not None:
+        raise Rejected(f"{where} does not match its recovery.json: {why}")
+
+
+def _check_recovery_dir(directory: Path) -> None:
+    """Refuse, before any packing, a recovery to add that is not whole: vmlinuz, initrd.img and a
+    recovery.json that matches them, as `reflash recovery` writes them."""
+    what = f"--recovery {directory}"
+    if not directory.is_dir():
+        raise Rejected(f"{what} is no directory: give the recovery/ that `reflash recovery -o OUT` writes")
+    if missing := [name for name in RECOVERY_FILES if not (directory / name).is_file()]:
+        raise Rejected(f"{what} has no {', no '.join(missing)}: a recovery is {', '.join(RECOVERY_FILES[:-1])} "
+                       f"and {RECORD}, as `reflash recovery` writes them")
+    try:
+        image = RecoveryImage.read(directory)
+        got = {name: digest_file(directory / name) for name in FILES.values()}
+    except OSError as e:
+        raise Rejected(f"cannot read {what}: {e}") from None
+    assert image is not None
+    if (why := _mismatch(image, got)) is not None:
+        raise Rejected(f"{what} does not match its recovery.json: {why}")
+
+
+def _mismatch(image: RecoveryImage, got: dict[str, FileDigest]) -> str | None:
+    """How the files (by name) differ from their record, in words; None when they match."""
+    for part, name in FILES.items():
+        want, have = image.parts()[part], got[name]
+        if have.size != want.size:
+            return f"{name} is {have.size} bytes, the record says {want.size}"
+        if have.sha256 != want.sha256:
+            return f"{name} has sha256 {have.sha256}, the record says {want.sha256}"
+    return None
+
+
+def _recovery_dirs(index: TreeIndex) -> list[str]:
+    """The directories to add with a recovery: those on the way to /usr/lib/reflash/recovery that the tree
+    lacks, and that one. Rejected when the tree has anything there, or a parent that is no directory (the
+    recovery's files would be written through it)."""
+    here = str(IN_RELEASE)
+    if any(path == here or path.startswith(f"{here}/") for path in index.kinds):
+        raise Rejected(_CARRIES_ONE)
+    dirs = []
+    for path in ("/".join(IN_RELEASE.parts[:n]) for n in range(1, len(IN_RELEASE.parts))):
+        kind = index.lookup(path)[0]
+        if kind is None:
+            dirs.append(path)
+        elif kind != "dir":
+            raise Rejected(f"cannot add the recovery at /{here}: /{path} is a {kind} in the tree, not a directory")
+    return [*dirs, here]
 
 
 def _number_acls(payload: Path, comp: Compression, source: Path) -> None:
@@ -294,21 +434,38 @@ def _copy_entries(reader: TarReader, writer: PaxWriter, each: Callable[[int], ob
         writer.copy(entry, reader.data(CHUNK))
 
 
-def _add_links(payload: Path, comp: Compression, links: list[tuple[str, str]], mtime: int) -> None:
-    """The payload again with `links` (path, target) at its end: the boot menu's /boot/vmlinuz and
-    /boot/initrd.img in a tree that has only Debian's /vmlinuz and /initrd.img."""
-    with step(f"Adding {', '.join(f'/{path} -> {target}' for path, target in links)} for the boot menu "
-              "(where Debian's links at the root lead)"):
+def _append(
+    payload: Path, comp: Compression, mtime: int, links: list[tuple[str, str]], dirs: list[str],
+    recovery: Path | None,
+) -> tuple[int, int]:
+    """The payload again with entries at its end: `links` (path, target), the boot menu's /boot/vmlinuz
+    and /boot/initrd.img in a tree that has only Debian's /vmlinuz and /initrd.img; then `dirs` and the
+    files of `recovery` at /usr/lib/reflash/recovery, owned by root and dated `mtime`. Returns the
+    entries and file bytes added, for the manifest's counts."""
+    what = []
+    if links:
+        what.append(f"{', '.join(f'/{path} -> {target}' for path, target in links)} for the boot menu "
+                    "(where Debian's links at the root lead)")
+    if recovery is not None:
+        what.append(f"the recovery {recovery} at /{IN_RELEASE}")
+    nbytes = 0
+    with step(f"Adding {' and '.join(what)}"):
         name, options = _LIBARCHIVE_FILTER.get(comp, (None, ""))
-        with _temp_next_to(payload, ".links") as fresh:
+        with _temp_next_to(payload, ".more") as fresh:
             try:
                 with TarReader(payload) as reader, PaxWriter(fresh, name, options) as writer:
                     _copy_entries(reader, writer, lambda entry: None)
                     for path, target in links:
                         writer.symlink(path, target, mtime)
-            except ArchiveError as e:
-                raise Rejected(f"cannot add the boot menu's links to the payload: {e}") from None
+                    for path in dirs:
+                        writer.directory(path, mtime)
+                    if recovery is not None:
+                        for file in RECOVERY_FILES:
+                            nbytes += writer.file(f"{IN_RELEASE}/{file}", recovery / file, mtime)
+            except (ArchiveError, OSError) as e:
+                raise Rejected(f"cannot add {' and '.join(what)} to the payload: {e}") from None
             os.replace(fresh, payload)
+    return len(links) + len(dirs) + (len(RECOVERY_FILES) if recovery is not None else 0), nbytes
 
 
 def _block_digests(path: Path) -> tuple[int, BlockDigests]:

@@ -65,7 +65,7 @@ def cmd_key_list(args: argparse.Namespace) -> int:
 def cmd_bundle(args: argparse.Namespace) -> int:
     manifest = create_bundle(
         args.source, args.output, key=args.key, product=args.product, version=args.version,
-        compression=args.compression, check_boot=args.check_boot,
+        compression=args.compression, check_boot=args.check_boot, recovery=args.recovery,
     )
     print(f"wrote {args.output}: {manifest.product} {manifest.version}, {manifest.rootfs_files} files")
     return 0
@@ -161,6 +161,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", type=Path, required=True)
     b.add_argument("--no-boot-check", dest="check_boot", action="store_false",
                    help="bundle a tree that lacks a kernel, initrd, init or a matching os-release (for tests)")
+    b.add_argument("--recovery", type=Path, metavar="DIR",
+                   help="carry this recovery OS at /usr/lib/reflash/recovery: the recovery/ that "
+                        "`reflash recovery -o OUT` writes (vmlinuz, initrd.img, recovery.json)")
     b.add_argument("source", type=Path, help="a directory or a tar archive of the system tree")
     b.set_defaults(run=cmd_bundle)
 

@@ -33,6 +33,7 @@ class ArchiveError(Exception):
 
 
 READ_BLOCK = 10240
+WRITE_CHUNK = 1 << 20
 
 
 AE_IFMT, AE_IFREG, AE_IFDIR, AE_IFLNK = 0o170000, 0o100000, 0o040000, 0o120000
@@ -126,6 +127,9 @@ _entry_set_perm = fn("entry_set_perm", None, ctypes.c_void_p, ctypes.c_uint)
 _entry_set_mtime = fn("entry_set_mtime", None, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_long)
 
 
+_entry_set_size = fn("entry_set_size", None, ctypes.c_void_p, ctypes.c_longlong)
+
+
 def _check(archive: int, result: int) -> int:
     """A result below ARCHIVE_WARN is a failure (a warning, such as a name that is not UTF-8, is not)."""
     if result < ARCHIVE_WARN:
@@ -200,23 +204,56 @@ class PaxWriter:
         """Write `entry` (a reader's, perhaps changed) with its data."""
         _check(self.archive, _write_header(self.archive, entry))
         for block in data:
-            if _write_data(self.archive, (ctypes.c_char * len(block)).from_buffer(block), len(block)) < 0:
-                _check(self.archive, ARCHIVE_FATAL)
+            self._data(block)
         _check(self.archive, _write_finish_entry(self.archive))
 
     def symlink(self, path: str, target: str, mtime: int) -> None:
         """A new symbolic link entry `path` -> `target`, owned by root (uid and gid 0), mode 0777."""
+        self._new(path, AE_IFLNK, 0o777, mtime, symlink=target)
+        _check(self.archive, _write_finish_entry(self.archive))
+
+    def directory(self, path: str, mtime: int, mode: int = 0o755) -> None:
+        """A new directory entry `path`, owned by root (uid and gid 0)."""
+        self._new(path, AE_IFDIR, mode, mtime)
+        _check(self.archive, _write_finish_entry(self.archive))
+
+    def file(self, path: str, source: os.PathLike[str] | str, mtime: int, mode: int = 0o644) -> int:
+        """A new regular file entry `path` holding `source`'s data, owned by root (uid and gid 0); returns
+        its size. The size is taken when `source` is opened: a file that shrinks meanwhile fails."""
+        with open(source, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            self._new(path, AE_IFREG, mode, mtime, size=size)
+            buffer = bytearray(WRITE_CHUNK)
+            view, left = memoryview(buffer), size
+            while left:
+                n = f.readinto(view[: min(left, WRITE_CHUNK)])
+                if not n:
+                    raise ArchiveError(f"{source} shrank to {size - left} bytes while it was read")
+                self._data(view[:n])
+                left -= n
+        _check(self.archive, _write_finish_entry(self.archive))
+        return size
+
+    def _new(self, path: str, filetype: int, mode: int, mtime: int, *, symlink: str | None = None,
+             size: int | None = None) -> None:
+        """Write the header of a new entry; libarchive's new entries are owned by uid and gid 0."""
         entry = _entry_new()
         try:
             _entry_set_pathname(entry, os.fsencode(path))
-            _entry_set_filetype(entry, AE_IFLNK)
-            _entry_set_perm(entry, 0o777)
-            _entry_set_symlink(entry, os.fsencode(target))
+            _entry_set_filetype(entry, filetype)
+            _entry_set_perm(entry, mode)
             _entry_set_mtime(entry, mtime, 0)
+            if symlink is not None:
+                _entry_set_symlink(entry, os.fsencode(symlink))
+            if size is not None:
+                _entry_set_size(entry, size)
             _check(self.archive, _write_header(self.archive, entry))
-            _check(self.archive, _write_finish_entry(self.archive))
         finally:
             _entry_free(entry)
+
+    def _data(self, block: memoryview) -> None:
+        if _write_data(self.archive, (ctypes.c_char * len(block)).from_buffer(block), len(block)) < 0:
+            _check(self.archive, ARCHIVE_FATAL)
 
     def __enter__(self) -> PaxWriter:
         return self
