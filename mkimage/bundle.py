@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from recovery.core.acl import (
     USER,
@@ -37,13 +36,11 @@ from recovery.core.acl import (
     number_acl,
     without_id,
 )
-from recovery.core.atomic import atomic_write, fsync_dir
+from recovery.core.atomic import fsync_dir
 from recovery.core.errors import Rejected
 from recovery.core.keys import (
     keyid,
     load_private_key,
-    private_key_pem,
-    public_key_pem,
     raw_public_key,
 )
 from recovery.core.libarchive_api import (
@@ -83,6 +80,7 @@ from recovery.core.slots import (
 )
 
 from .bootable import TreeIndex, check_bootable, normal
+from .keyring import new_key
 
 log = logging.getLogger(__name__)
 
@@ -104,22 +102,9 @@ _LIBARCHIVE_FILTER = {
 def generate_keys(directory: Path) -> Path:
     """Write a new Ed25519 key pair: `signing.pem` (private, 0600) and `signing.pub`; return the latter.
 
-    An existing `signing.pem` is never overwritten: losing a signing key strands every device that trusts it.
+    An existing key is never overwritten: losing a signing key strands every device that trusts it.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    pem, pub = directory / "signing.pem", directory / "signing.pub"
-    key = Ed25519PrivateKey.generate()
-    try:
-        fd = os.open(pem, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise Rejected(f"{pem} already exists: refusing to overwrite a signing key") from None
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), 0o600)  # whatever the umask says
-        f.write(private_key_pem(key))
-    atomic_write(pub, public_key_pem(key.public_key()), mode=0o644)
-    log.info("key %s: private %s, public %s", keyid(raw_public_key(key.public_key())), pem, pub)
-    return pub
+    return new_key(Path(directory), "signing")[1]
 
 
 def create_bundle(
