@@ -65,7 +65,7 @@ def test_mkimage_errors_are_one_line(made: tuple[Path, Path], tmp_path: Path) ->
     keys, _ = made
     again = cli("mkimage", "keygen", keys)
     assert (again.returncode, again.stderr.splitlines()[-1:]) == (
-        1, [f"rejected: {keys / 'signing.pem'} already exists: refusing to overwrite a signing key"]
+        1, [f"refused: {keys / 'signing.pem'} already exists: refusing to overwrite a key"]
     )
     missing = cli("mkimage", "bundle", "--key", tmp_path / "nokey.pem", "--product", "p", "--version", "1",
                   tmp_path, "-o", tmp_path / "x.bundle")
