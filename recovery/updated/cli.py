@@ -257,7 +257,15 @@ def _download_line(download: dict[str, Any]) -> str:
 
 def cmd_confirm(args: argparse.Namespace) -> int:
     config = SystemConfig.load(args.config)
-    print(trial.confirm(config, check=args.check, reboot=args.reboot_fn))
+    said: list[str] = []
+
+    def announce(line: str) -> None:
+        print(line, flush=True)
+        said.append(line)
+
+    result = trial.confirm(config, check=args.check, reboot=args.reboot_fn, announce=announce)
+    if result not in said:
+        print(result)
     return 0
 
 

@@ -105,7 +105,8 @@ def run_health_checks(directory: Path, timeout: float) -> str | None:
 # --- confirm -------------------------------------------------------------------------------------
 
 
-def confirm(config: SystemConfig, *, check: bool, reboot: Reboot) -> str:
+def confirm(config: SystemConfig, *, check: bool, reboot: Reboot,
+            announce: Callable[[str], None] | None = None) -> str:
     """End the running release's trial (after its health checks, with `check`) and make its bundle the
     fallback. A failed check is noted on cfg and reboots, so GRUB counts the next trial boot."""
     state = _on_trial(config)
@@ -124,8 +125,12 @@ def confirm(config: SystemConfig, *, check: bool, reboot: Reboot) -> str:
     # The trial ends first; the fallback follows from the install record (settle), also after a cut.
     end_trial(config.cfg)
     add_note(config.cfg, version, counter.boot, "confirmed")
-    settle(config)
-    return f"trial: confirmed {version} ({boot}): its bundle is the fallback now"
+    _settle_fallback(config)
+    line = f"trial: confirmed {version} ({boot}): its bundle is the fallback now"
+    if announce is not None:
+        announce(line)  # before the recovery update, which takes seconds: the release is confirmed now
+    _update_recovery(config)
+    return line
 
 
 def settle(config: SystemConfig) -> None:
@@ -135,6 +140,10 @@ def settle(config: SystemConfig) -> None:
     if TrialCounter.read(config.cfg).on_trial:
         return
     _settle_fallback(config)
+    _update_recovery(config)
+
+
+def _update_recovery(config: SystemConfig) -> None:
     try:
         recoveryslots.update_recovery(config)
     except Exception as e:  # noqa: BLE001 - it never raises; if it did, the boot goes on all the same

@@ -311,6 +311,20 @@ def test_confirm_ends_the_trial_and_makes_the_bundle_the_fallback(system: System
     assert trial.confirm(system.config, check=True, reboot=reboot) == "not on trial: 2.0.0 is confirmed"
 
 
+def test_confirm_says_so_before_the_recovery_update_and_after_the_fallback(
+        system: System, releases: Releases, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recovery update takes seconds: the confirmation is announced (the release is confirmed and its
+    bundle the fallback) before it starts, so a cut during it leaves a confirmed release, as printed."""
+    from recovery.updated import recoveryslots
+
+    _installed_on_trial(system, releases)
+    events: list[str] = []
+    monkeypatch.setattr(recoveryslots, "update_recovery", lambda config: events.append(
+        f"recovery update, fallback {read_fallback(config.cfg).version}"))
+    said = trial.confirm(system.config, check=False, reboot=Reboots(), announce=events.append)
+    assert events == [said, "recovery update, fallback 2.0.0"]
+
+
 @pytest.mark.parametrize("body, words", [
     ("echo 'app: database unreachable' >&2; exit 3", "health check 50-app failed (exit status 3): app: database unreachable"),
     ("sleep 30", "health check 50-app did not finish within 0.5 s"),
