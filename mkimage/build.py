@@ -13,8 +13,8 @@ from pathlib import Path
 from recovery.core.envblock import format_envblock
 from recovery.core.keys import load_private_key, public_key_pem
 from recovery.core.output import step
-from recovery.core.slots import FILES as SLOT_FILES
-from recovery.core.slots import IN_RELEASE, RECORD, SLOT_BLOCK, SLOT_KEY, SLOTS
+from recovery.core.slots import CONTENT as SLOT_CONTENT
+from recovery.core.slots import IN_RELEASE, SLOT_BLOCK, SLOT_KEY, SLOTS
 from recovery.core.trial import BundleRef, write_fallback
 
 from .bundle import create_bundle, generate_keys
@@ -110,7 +110,7 @@ def _recovery_partition(config: ImageConfig, keys: ReleaseKeyring, dest: Path, w
     # Both slots hold the factory's recovery: a recovery that fails is never the only one.
     for slot in SLOTS:
         (contents / slot).mkdir(parents=True)
-        for name in (*SLOT_FILES.values(), RECORD):
+        for name in SLOT_CONTENT:
             shutil.copy2(dest / name, contents / slot / name)
     shutil.copy2(BOOTLOADER / "recovery.cfg", dest / GRUB_SNIPPET)
     with step(f"Making the recovery partition image {RECOVERY_IMAGE}"):
@@ -129,7 +129,7 @@ def _carry_recovery(config: ImageConfig, keys: ReleaseKeyring, tree: Path, versi
     dest = tree / IN_RELEASE
     dest.mkdir(parents=True, exist_ok=True)
     if version == config.version:
-        for name in (*SLOT_FILES.values(), RECORD):
+        for name in SLOT_CONTENT:
             shutil.copy2(factory / name, dest / name)
         return
     with step(f"Building the recovery OS {version} that the release {version} carries"):
@@ -167,7 +167,8 @@ def _disk_image(config: ImageConfig, out: Path, work: Path, recovery_dir: Path, 
                 factory: Path | None) -> Path:
     volume_id = esp_volume_id(config.product)
     cores = make_core_images(config.firmware, volume_id, work / "grub")
-    esp_files = {"grub/grub.cfg": BOOTLOADER / "grub.cfg", "grub/recovery.cfg": BOOTLOADER / "recovery.cfg"}
+    # The ESP holds the stub, written once: the menu itself is in the recovery slots (DESIGN.md).
+    esp_files = {"grub/grub.cfg": BOOTLOADER / "stub.cfg"}
     if cores.efi is not None:
         esp_files["EFI/BOOT/BOOTX64.EFI"] = cores.efi
     cfg_dir = work / "cfg"

@@ -70,9 +70,12 @@ from recovery.core.outertar import CHUNK
 from recovery.core.output import step
 from recovery.core.run import run
 from recovery.core.slots import (
+    CONTENT,
     FILES,
     IN_RELEASE,
     MAX_RECORD,
+    MENU,
+    MENU_SUMS,
     RECORD,
     FileDigest,
     RecoveryImage,
@@ -315,7 +318,8 @@ def _check_carried(payload: Path, index: TreeIndex, carried: _Digests) -> None:
         return
     where = f"the recovery the tree carries at /{IN_RELEASE}"
     paths, hardlinks = {}, {}
-    for name in RECOVERY_FILES:
+    optional = [name for name in (MENU, MENU_SUMS) if index.is_file(f"{IN_RELEASE}/{name}")]
+    for name in (*RECOVERY_FILES, *optional):
         path = f"{IN_RELEASE}/{name}"
         if not index.is_file(path):
             raise Rejected(f"{where} has no {name}: {index.why_not_file(path)}")
@@ -339,7 +343,7 @@ def _check_carried(payload: Path, index: TreeIndex, carried: _Digests) -> None:
     if raw is None:
         raise Rejected(f"malformed {record}: larger than {MAX_RECORD} bytes")
     image = RecoveryImage.from_json(raw, what=record)
-    if (why := _mismatch(image, {name: carried.found[paths[name]][0] for name in FILES.values()})) is not None:
+    if (why := _mismatch(image, {name: carried.found[paths[name]][0] for name in paths})) is not None:
         raise Rejected(f"{where} does not match its recovery.json: {why}")
 
 
@@ -354,18 +358,23 @@ def _check_recovery_dir(directory: Path) -> None:
                        f"and {RECORD}, as `reflash recovery` writes them")
     try:
         image = RecoveryImage.read(directory)
-        got = {name: digest_file(directory / name) for name in FILES.values()}
+        assert image is not None
+        got = {name: digest_file(directory / name) for name in _added(directory) if name != RECORD}
     except OSError as e:
         raise Rejected(f"cannot read {what}: {e}") from None
-    assert image is not None
     if (why := _mismatch(image, got)) is not None:
         raise Rejected(f"{what} does not match its recovery.json: {why}")
 
 
 def _mismatch(image: RecoveryImage, got: dict[str, FileDigest]) -> str | None:
     """How the files (by name) differ from their record, in words; None when they match."""
-    for part, name in FILES.items():
-        want, have = image.parts()[part], got[name]
+    wants = dict(image.files())
+    if (sums := image.menu_sums()) is not None:
+        wants[MENU_SUMS] = FileDigest(len(sums), hashlib.sha256(sums).hexdigest())
+    for name, want in wants.items():
+        have = got.get(name)
+        if have is None:
+            return f"there is no {name}, which the record names"
         if have.size != want.size:
             return f"{name} is {have.size} bytes, the record says {want.size}"
         if have.sha256 != want.sha256:
@@ -445,12 +454,17 @@ def _append(
                     for path in dirs:
                         writer.directory(path, mtime)
                     if recovery is not None:
-                        for file in RECOVERY_FILES:
+                        for file in _added(recovery):
                             nbytes += writer.file(f"{IN_RELEASE}/{file}", recovery / file, mtime)
             except (ArchiveError, OSError) as e:
                 raise Rejected(f"cannot add {' and '.join(what)} to the payload: {e}") from None
             os.replace(fresh, payload)
-    return len(links) + len(dirs) + (len(RECOVERY_FILES) if recovery is not None else 0), nbytes
+    return len(links) + len(dirs) + (len(_added(recovery)) if recovery is not None else 0), nbytes
+
+
+def _added(recovery: Path) -> list[str]:
+    """The files of a recovery directory that go into the tree: the three always, the menu when it has one."""
+    return [name for name in CONTENT if name in RECOVERY_FILES or (recovery / name).is_file()]
 
 
 def _block_digests(path: Path) -> tuple[int, BlockDigests]:

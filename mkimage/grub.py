@@ -22,6 +22,8 @@ COMMON_MODULES = (
     "part_gpt", "part_msdos", "fat", "ext2", "search", "search_fs_uuid", "search_label", "normal",
     "configfile", "linux", "loadenv", "test", "echo", "serial", "terminal", "sleep", "reboot", "halt",
     "cat", "ls", "help", "minicmd", "true", "probe", "regexp",
+    # stub.cfg checks a slot's menu.cfg with `sha256sum --check` before it sources it
+    "hashsum", "gcry_sha256", "crypto",
 )
 PLATFORM_MODULES = {"i386-pc": ("biosdisk",), "x86_64-efi": ("efi_gop", "all_video")}
 
@@ -54,6 +56,35 @@ def early_config(volume_id: str) -> str:
     each boot and send an operator reading the console after errors that are none."""
     text = (BOOTLOADER / "early.cfg").read_text().replace("@ESP_UUID@", grub_volume_uuid(volume_id))
     return "".join(line for line in text.splitlines(keepends=True) if line.strip() and not line.lstrip().startswith("#"))
+
+
+# The line of grub.cfg that the menu a recovery slot carries replaces with recovery.cfg itself.
+RECOVERY_SOURCE = 'source "$prefix/recovery.cfg"'
+MENU_LOADED = "set reflash_menu_loaded=1"
+
+
+def slot_menu() -> str:
+    """The boot menu a recovery slot carries (menu.cfg): bootloader/grub.cfg with recovery.cfg in place of
+    the line that sources it (one file: GRUB checks it whole before the stub sources it), and last of
+    all the line that tells the stub it was read to its end. Checked with grub-script-check."""
+    menu = (BOOTLOADER / "grub.cfg").read_text()
+    if menu.count(RECOVERY_SOURCE) != 1:
+        raise Failed(f"bootloader/grub.cfg must source recovery.cfg exactly once ({RECOVERY_SOURCE})")
+    recovery = (BOOTLOADER / "recovery.cfg").read_text()
+    text = menu.replace(RECOVERY_SOURCE, f"# --- bootloader/recovery.cfg ---\n{recovery}# --- end of recovery.cfg ---")
+    text += f"\n# Read to its end: the stub (bootloader/stub.cfg) sources no other slot's menu.\n{MENU_LOADED}\n"
+    return text
+
+
+def write_slot_menu(dest: Path) -> Path:
+    """`dest`/menu.cfg, refused when grub-script-check finds fault with it."""
+    path = Path(dest) / "menu.cfg"
+    path.write_text(slot_menu())
+    checked = run(["grub-script-check", path], check=False)
+    if checked.returncode != 0:
+        said = (checked.stdout + checked.stderr).decode(errors="replace").strip()
+        raise Failed(f"the boot menu {path} does not pass grub-script-check: {said}")
+    return path
 
 
 def make_core_images(firmware: Firmware, volume_id: str, work: Path) -> CoreImages:

@@ -23,6 +23,7 @@ from recovery.core.run import run
 from recovery.core.slots import write_record
 
 from .config import ImageConfig
+from .grub import write_slot_menu
 from .keyring import ReleaseKeyring, install_keyring
 from .libxml2stub import build_libxml2_stub
 from .modules import RECOVERY_MODULES, copy_modules
@@ -129,6 +130,7 @@ def build_recovery_os(config: ImageConfig, keys: ReleaseKeyring, dest: Path, wor
             with open(part, "rb") as f:
                 shutil.copyfileobj(f, out)
     size = (dest / "initrd.img").stat().st_size
+    write_slot_menu(dest)  # the boot menu travels with the recovery (DESIGN.md)
     write_record(dest, version)
     log.info("recovery %s initrd: %.1f MiB compressed (kernel %s)", version, size / 2**20, kver)
     return RecoveryOS(dir=dest, kernel=dest / "vmlinuz", initrd=dest / "initrd.img", kernel_version=kver)

@@ -24,7 +24,7 @@ from recovery.core.envblock import format_envblock, parse_envblock
 from recovery.core.errors import Failed, Rejected, UpdateError
 from recovery.core.instruction import DiskSpec, DiskSpecKind
 from recovery.core.run import run
-from recovery.core.slots import FILES, RECORD, SLOT_BLOCK, SLOT_KEY, SLOTS, FileDigest, RecoveryImage, other
+from recovery.core.slots import MENU_SUMS, RECORD, SLOT_BLOCK, SLOT_KEY, SLOTS, FileDigest, RecoveryImage, other
 from recovery.updated.sysconfig import SystemConfig
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,10 @@ def _read_back(path: Path) -> FileDigest:
 
 def _mismatch(directory: Path, image: RecoveryImage, *, from_disk: bool) -> str | None:
     """How the files in `directory` differ from `image`, in words; None when they match."""
-    for part, name in FILES.items():
-        want = image.parts()[part]
+    files = dict(image.files())
+    if (sums := image.menu_sums()) is not None:
+        files[MENU_SUMS] = FileDigest(len(sums), hashlib.sha256(sums).hexdigest())
+    for name, want in files.items():
         try:
             got = _read_back(directory / name) if from_disk else _digest(directory / name)
         except OSError as e:
@@ -320,10 +322,14 @@ def _write(slot: Path, source: Path, image: RecoveryImage) -> None:
     if not slot.is_dir():
         slot.mkdir()
         fsync_dir(slot.parent)
-    # Without its record the slot is incomplete, whatever its files hold, until the record comes back.
+    # Without its record the slot is incomplete, whatever its files hold, until the record comes back;
+    # without its menu sums GRUB's stub takes the other slot's menu.
     durable_unlink(slot / RECORD)
-    for part, name in FILES.items():
-        _copy(source / name, slot / name, image.parts()[part])
+    durable_unlink(slot / MENU_SUMS)
+    for name, want in image.files().items():
+        _copy(source / name, slot / name, want)
+    if (sums := image.menu_sums()) is not None:
+        atomic_write(slot / MENU_SUMS, sums)
     atomic_write(slot / RECORD, image.to_json())
     fsync_dir(slot)
     os.sync()

@@ -226,4 +226,6 @@ def test_the_recovery_command_lines_are_these_four() -> None:
     assert sorted(" ".join(words[2:]) for words in linux) == sorted([
         f'"$@" "recovery.slot=$slot" panic=10 {CONSOLE}',  # from slot a or b
         f'"$@" panic=10 {CONSOLE}',  # a partition without slots
+        # stub.cfg when neither slot has a boot menu it can check: the rescue shell of either slot
+        f'recovery.mode=rescue "recovery.slot=$slot" panic=10 {CONSOLE}',
     ])

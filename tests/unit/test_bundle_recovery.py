@@ -163,7 +163,7 @@ def test_every_missing_parent_is_added_and_the_boot_links_in_the_same_pass(tmp_p
     ("initrd-longer", "--recovery {dir} does not match its recovery.json: initrd.img is 1500001 bytes, the "
                       "record says 1500000"),
     ("kernel-changed", "--recovery {dir} does not match its recovery.json: vmlinuz has sha256 "),
-    ("malformed", "malformed {dir}/recovery.json: needs exactly version, kernel and initrd"),
+    ("malformed", "malformed {dir}/recovery.json: needs exactly version, kernel and initrd (and menu)"),
 ])
 def test_a_recovery_that_is_not_whole_is_refused_before_packing(
     tmp_path: Path, keys: Path, caplog: pytest.LogCaptureFixture, change: str, said: str,

@@ -139,3 +139,47 @@ def test_the_fallbacks_are_the_rescue_and_rollback_entries():
     ids = re.findall(r"^menuentry .* --id (\S+) \{", own + (BOOTLOADER / "recovery.cfg").read_text(), re.MULTILINE)
     assert re.findall(r"^set fallback=(\d+)$", own, re.MULTILINE) == ["2"] and ids[2] == "rescue", ids
     assert re.findall(r"^    set fallback=(\d+)$", after, re.MULTILINE) == ["3"] and ids[3] == "rollback", ids
+
+
+# --- the ESP's stub and the menu a recovery slot carries (DESIGN.md "The boot menu travels with the recovery")
+
+
+def test_the_stub_reads_only_the_slot_and_sources_a_menu_only_after_grub_checked_it():
+    text = (BOOTLOADER / "stub.cfg").read_text()
+    loads = re.findall(r"^\s*load_env .*$", text, re.MULTILINE)
+    assert loads == ['        load_env --file "($cfgdev)/recovery/slot" --skip-sig recovery_slot']
+    # recovery_slot is only compared with b; the slots it walks are literals
+    uses = [line.strip() for line in text.splitlines() if "$recovery_slot" in line]
+    assert uses == ['if [ "$recovery_slot" = b ]; then']
+    assert set(re.findall(r'set reflash_menu_slots="(.*)"', text)) == {"a b", "b a"}
+    # every source of a menu.cfg sits right under the sha256sum check of its slot's menu.sha256
+    lines = [line.strip() for line in text.splitlines()]
+    sources = [i for i, line in enumerate(lines) if line.startswith("source ")]
+    assert sources and all(lines[i] == 'source "($recoverydev)/$slot/menu.cfg"' for i in sources)
+    for i in sources:
+        checks = [line for line in lines[:i] if line.startswith("if sha256sum")]
+        assert checks[-1] == ('if sha256sum --check "($recoverydev)/$slot/menu.sha256" --prefix '
+                              '"($recoverydev)/$slot"; then')
+    assert "export cfgdev recoverydev" in text  # the rescue entry's context sees them
+
+
+@needs
+def test_the_slot_menu_is_grub_cfg_with_recovery_cfg_inlined_and_the_end_marked(tmp_path):
+    from mkimage.grub import MENU_LOADED, RECOVERY_SOURCE, slot_menu, write_slot_menu
+
+    menu = slot_menu()
+    # nothing in it uses the ESP's $prefix: it is read from a recovery slot
+    assert RECOVERY_SOURCE not in menu
+    assert not [line for line in menu.splitlines() if "$prefix" in line and not line.lstrip().startswith("#")]
+    assert (BOOTLOADER / "recovery.cfg").read_text() in menu
+    assert menu.rstrip().splitlines()[-1] == MENU_LOADED
+    path = write_slot_menu(tmp_path)
+    assert path.read_text() == menu and script_check(path).returncode == 0
+    # and the stub reads the marker it sets
+    assert "reflash_menu_loaded" in (BOOTLOADER / "stub.cfg").read_text()
+
+
+def test_the_core_images_can_check_a_menu():
+    from mkimage.grub import COMMON_MODULES
+
+    assert {"hashsum", "gcry_sha256", "crypto"} <= set(COMMON_MODULES)

@@ -19,7 +19,7 @@ import pytest
 
 from mkimage.config import MiB, ImageConfig, load_config
 from mkimage.disk import FS_LABELS, TYPE_BIOS_BOOT, TYPE_ESP, TYPE_LINUX_FS, assemble
-from mkimage.grub import esp_volume_id
+from mkimage.grub import BOOTLOADER, esp_volume_id
 
 TOOLS = ("mkfs.ext4", "mkfs.fat", "mcopy", "mdir", "e2fsck", "fsck.vfat", "debugfs")
 pytestmark = pytest.mark.skipif(
@@ -169,7 +169,11 @@ def test_demo_layout_and_file_systems(demo_fs):
 def test_demo_esp_holds_grub(demo_fs):
     assert "BOOTX64.EFI" in mdir(demo_fs["esp"], "::/EFI/BOOT")
     listing = mdir(demo_fs["esp"], "::/grub")
-    assert "grub.cfg" in listing and "recovery.cfg" in listing
+    # Only the stub: the menu is in the recovery slots, where it can be updated.
+    assert "grub.cfg" in listing and "recovery.cfg" not in listing
+    stub = subprocess.run(["mtype", "-i", str(demo_fs["esp"]), "::/grub/grub.cfg"], capture_output=True,
+                          check=True).stdout
+    assert stub == (BOOTLOADER / "stub.cfg").read_bytes()
 
 
 def test_demo_bios_boot_code(built_image):
@@ -222,7 +226,7 @@ def test_demo_cfg_has_only_grubs_counter_and_the_fallback(demo_fs, tmp_path):
 def test_demo_recovery_partition(built_image, demo_fs):
     for slot in ("a", "b"):
         listing = debugfs(demo_fs["recovery"], f"ls /{slot}")
-        assert "vmlinuz" in listing and "initrd.img" in listing and "recovery.json" in listing
+        assert {"vmlinuz", "initrd.img", "menu.cfg", "menu.sha256", "recovery.json"} <= set(listing.split()), listing
     initrd = built_image.recovery / "initrd.img"
     assert initrd.stat().st_size <= 40 * MiB
     assert (built_image.recovery / "vmlinuz").exists()

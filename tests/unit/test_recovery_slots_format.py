@@ -36,7 +36,7 @@ def test_the_record_describes_the_files_and_reads_back(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("change", "reason"), [
-    (lambda d: d.update(extra=1), "needs exactly version, kernel and initrd"),
+    (lambda d: d.update(extra=1), r"needs exactly version, kernel and initrd \(and menu\)"),
     (lambda d: d.update(version=""), "version must be a short non-empty string"),
     (lambda d: d["kernel"].update(size=-1), "kernel.size must be a whole number of bytes"),
     (lambda d: d["initrd"].update(size=True), "initrd.size must be a whole number of bytes"),

@@ -230,6 +230,32 @@ def test_a_damaged_active_slot_is_the_one_written_when_the_other_is_the_only_who
     assert active_block(config) == {"recovery_slot": "a"}
 
 
+def test_the_boot_menu_goes_with_the_recovery_and_grub_can_check_it(
+        tmp_path: Path, make_disk, layout: Path) -> None:
+    """menu.cfg is copied with the kernel and the initrd, and menu.sha256 is made from the record, in the
+    format GRUB's `sha256sum --check` reads (coreutils' own, checked here with coreutils)."""
+    from recovery.core.slots import write_record
+
+    source = tmp_path / "release/usr/lib/reflash/recovery"
+    make_recovery(source, "2.0.0")
+    (source / "menu.cfg").write_text('echo "menu of 2.0.0"\nset reflash_menu_loaded=1\n')
+    image = write_record(source, "2.0.0")
+    assert image.menu is not None and (source / "menu.sha256").exists()
+    disk = make_disk(layout)
+    config = config_for(tmp_path, source)
+    update_recovery(config, partition=disk.partition)
+    slot = disk.slot("b")
+    assert slot["menu.cfg"] == (source / "menu.cfg").read_bytes()
+    assert slot["menu.sha256"] == image.menu_sums() == (source / "menu.sha256").read_bytes()
+    copy = tmp_path / "slot-b"
+    copy.mkdir()
+    for name, data in slot.items():
+        (copy / name).write_bytes(data)
+    assert subprocess.run(["sha256sum", "--check", "--status", "menu.sha256"], cwd=copy).returncode == 0
+    (copy / "menu.cfg").write_bytes(b'echo "menu of 2.0.0"\n')  # truncated
+    assert subprocess.run(["sha256sum", "--check", "--status", "menu.sha256"], cwd=copy).returncode != 0
+
+
 def test_a_release_without_a_recovery_touches_nothing(tmp_path: Path) -> None:
     def find(spec: str) -> Path:
         raise AssertionError("looked for the recovery partition")
@@ -290,7 +316,7 @@ def test_a_malformed_release_record_is_refused(tmp_path: Path, source: Path) -> 
 
     said = update_recovery(config_for(tmp_path, source), partition=Partition(find=find))
     assert said == (f"recovery-slots: the release's recovery is not used: malformed {source}/recovery.json: "
-                    "needs exactly version, kernel and initrd")
+                    "needs exactly version, kernel and initrd (and menu)")
 
 
 def test_what_does_not_read_back_as_written_is_not_switched_to(
