@@ -79,7 +79,12 @@ def test_a_confirmed_release_updates_the_recovery_and_the_new_recovery_installs_
     m.expect(ready(built_image, "2.0.0"), BOOT)
     status = _shell(m, "reflashctl status")
     assert "recovery: 2.0.0 in slot b (active); slot a: 1.0.0" in status, status
+    # What the trial did too (tests/vm/test_rollback.py has the whole of it, in make reliability): the
+    # confirmed release's bundle is the fallback, the factory's is gone, the trial boot had the watchdog.
+    assert "fallback: 2.0.0 (/bundles/demo-appliance-2.0.0.bundle)" in status and "trial:" not in status, status
+    assert _shell(m, "cat /proc/cmdline").count("systemd.watchdog_sec=30") == 1
     m.power_cut()
+    assert vm_disk.read_file("storage", "/bundles/demo-appliance-1.0.0.bundle") is None
 
     result = read_result(vm_disk)
     assert result["recovery"] == {"version": "1.0.0", "slot": "a"}, result

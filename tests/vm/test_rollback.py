@@ -49,6 +49,7 @@ def _shell(m: Machine, cmd: str) -> str:
     return out
 
 
+@pytest.mark.reliability  # make test has its core in test_recovery_update.py's first test
 def test_a_good_release_confirms_on_its_first_boot_and_becomes_the_fallback(
     machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage,
 ) -> None:
