@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # What `reflash recovery` writes for other image builders: source it from their grub.cfg.
 GRUB_SNIPPET = "grub-recovery.cfg"
+# ... or, to take the boot menu from the recovery slots (updated with the recovery), as the ESP's grub.cfg.
+GRUB_STUB = "grub-stub.cfg"
 RECOVERY_IMAGE = "recovery.ext4"
 # The output of mmdebstrap and friends, beside what they built; its tail is shown when a step fails.
 BUILD_LOG = "build.log"
@@ -113,6 +115,7 @@ def _recovery_partition(config: ImageConfig, keys: ReleaseKeyring, dest: Path, w
         for name in SLOT_CONTENT:
             shutil.copy2(dest / name, contents / slot / name)
     shutil.copy2(BOOTLOADER / "recovery.cfg", dest / GRUB_SNIPPET)
+    shutil.copy2(BOOTLOADER / "stub.cfg", dest / GRUB_STUB)
     with step(f"Making the recovery partition image {RECOVERY_IMAGE}"):
         image = dest / RECOVERY_IMAGE
         with open(image, "wb") as f:
