@@ -15,6 +15,7 @@ import pytest
 
 from mkimage.build import GRUB_SNIPPET, RECOVERY_IMAGE, build_recovery_only
 from mkimage.config import MiB
+from mkimage.grub import BOOTLOADER, slot_menu
 from mkimage.recoveryos import _base_archive, recovery_spec
 from mkimage.rootfs import cache_path
 from recovery.core.slots import RecoveryImage
@@ -55,6 +56,8 @@ def test_recovery_only_from_cache(built_image, tmp_path, no_mmdebstrap):
     initrd = out / "initrd.img"
     assert initrd.stat().st_size <= 40 * MiB
     assert (out / GRUB_SNIPPET).read_text().count("menuentry") == 3
+    assert (out / "grub-stub.cfg").read_text() == (BOOTLOADER / "stub.cfg").read_text()
+    assert (out / "menu.cfg").read_text() == slot_menu()  # the menu goes with the recovery
     image = out / RECOVERY_IMAGE
     assert image.stat().st_size == config.partitions.recovery
     fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
