@@ -41,6 +41,7 @@ PHASES = (
 )
 
 
+@pytest.mark.timeout(7200)  # the recording, the offline checks, and every booted state's whole boot
 def test_every_flush_point_of_an_update_leaves_a_state_that_ends_well(
     machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, tmp_path: Any, scenario: Scenario,
 ) -> None:
