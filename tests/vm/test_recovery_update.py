@@ -96,8 +96,11 @@ def test_a_confirmed_release_updates_the_recovery_and_the_new_recovery_installs_
 
 
 CUTS = {
-    # While the spare slot is written: the old recovery stays active and whole; the next boot writes again.
+    # While the spare slot is written (its kernel, initrd, boot menu, menu sums and record, about 3 s under
+    # TCG): the old recovery and its menu stay active and whole; the next boot writes again.
     "writing": (WRITING, 1.0),
+    "writing-start": (WRITING, 0.0),
+    "writing-late": (WRITING, 2.0),
     # Between the verification and the switch, or in it: either recovery is active, and whole.
     "switching": (VERIFIED, 0.0),
 }
