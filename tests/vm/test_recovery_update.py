@@ -68,6 +68,9 @@ def test_a_confirmed_release_updates_the_recovery_and_the_new_recovery_installs_
     machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, scenario: Scenario,
 ) -> None:
     scenario.name = "Recovery update: 2.0.0 confirms, writes its recovery into slot b, and that recovery installs"
+    scenario.checked = ("recovery 1.0.0 (slot a) installs 2.0.0; once confirmed, 2.0.0 writes recovery 2.0.0 into slot b, "
+                        "verifies it and switches; status shows both slots; slot a unchanged; the next install is done "
+                        "by recovery 2.0.0 from slot b (result.json says so)")
     factory = slot_record(vm_disk, "a")
     assert factory is not None and factory.version == "1.0.0" and slot_record(vm_disk, "b") == factory
     assert active_slot(vm_disk) == "a"
