@@ -90,7 +90,8 @@ def test_status_after_a_rejected_recovery_and_a_corrupt_download_refused(
         lines = status_lines(m)
         assert lines[:3] == ["running: demo-appliance 1.0.0", "state: idle", "staged: nothing"]
         assert lines[3] == "fallback: 1.0.0 (/bundles/demo-appliance-1.0.0.bundle)"
-        assert lines[4].startswith("last update: rejected 2.0.0: payload sha256 mismatch")
+        assert lines[4] == "recovery: 1.0.0 in slot a (active); slot b: 1.0.0", lines
+        assert lines[5].startswith("last update: rejected 2.0.0: payload sha256 mismatch")
 
         # ... where restrict=on leaves the guest no way to the host but the guestfwd.
         reach = "python3 -c \"import socket; socket.create_connection(('{}', {}), timeout=5)\""
@@ -151,8 +152,9 @@ def test_status_after_a_failed_try_and_the_install_that_followed(
     lines = status_lines(m)
     assert lines[:3] == ["running: demo-appliance 2.0.0", "state: idle", "staged: nothing"], lines
     assert lines[3] == "fallback: 2.0.0 (/bundles/demo-appliance-2.0.0.bundle)", lines  # 2.0.0 confirmed itself
-    assert re.match(r"last update: installed 1\.0\.0 -> 2\.0\.0 in \d+ s .*, after 1 failed try$", lines[4]), lines
-    assert lines[5].startswith(f"  before that: try 1 failed: {reason}"), lines
+    assert lines[4] == "recovery: 2.0.0 in slot b (active); slot a: 1.0.0", lines  # and wrote its recovery
+    assert re.match(r"last update: installed 1\.0\.0 -> 2\.0\.0 in \d+ s .*, after 1 failed try$", lines[5]), lines
+    assert lines[6].startswith(f"  before that: try 1 failed: {reason}"), lines
     code, raw = m.shell("reflashctl status --json")
     assert code == 0
     last = json.loads(raw)["last_result"]

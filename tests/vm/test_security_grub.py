@@ -113,7 +113,7 @@ def test_grub_still_passes_its_own_counts(
     scenario.checked = (
         "counter 2: GRUB counts 3 in the instruction and boots the recovery with `recovery.try=3` "
         "(`recovery: starting (try 3)`); counter 3: the rescue shell, `/proc/cmdline` with "
-        "`recovery.mode=rescue recovery.try=3`, the instruction unchanged"
+        "`recovery.mode=rescue recovery.try=3 recovery.slot=b` (try 3 loads the other slot), the instruction unchanged"
     )
     # A disk that never appears: the recovery waits for it, long enough to cut the power first.
     instruction = Instruction.create(disk="PARTLABEL=nowhere", file="/nothing.bundle", sha256="0" * 64,
@@ -132,7 +132,9 @@ def test_grub_still_passes_its_own_counts(
     step = m.expect(FIRST_STEP, RECOVERY).group(0).strip()
     assert step.startswith("recovery: rescue shell"), step
     status, cmdline = m.shell("cat /proc/cmdline")
-    assert status == 0 and "recovery.mode=rescue recovery.try=3 panic=10 console=" in cmdline, cmdline
+    # try 3 loads the other recovery slot (DESIGN.md "The recovery's two slots"): b, with a active
+    assert status == 0 and "/b/vmlinuz recovery.mode=rescue recovery.try=3 recovery.slot=b panic=10 console=" in cmdline, \
+        cmdline
     scenario.note(f"/proc/cmdline in the rescue shell: {cmdline.strip()}")
     m.power_cut()
     assert vm_disk.read_file("cfg", INSTRUCTION) == counted
