@@ -65,6 +65,9 @@ RELIABILITY_TESTS := tests/unit/test_instruction_fuzz.py tests/unit/test_bundle_
 	tests/vm/test_powercut.py tests/vm/test_faults.py \
 	tests/unit/test_security_extract.py tests/vm/test_install.py::test_hard_link_to_a_symlink_changes_nothing_on_cfg \
 	tests/vm/test_install.py::test_tree_of_many_small_files_gets_the_inodes_it_needs \
+	tests/vm/test_install.py::test_bad_bundle_is_rejected_and_the_system_untouched \
+	tests/vm/test_install.py::test_update_installs_the_new_release tests/vm/test_reflashctl.py \
+	tests/vm/test_install.py::test_bad_instruction_is_rejected_and_the_system_untouched \
 	tests/vm/test_security_grub.py tests/unit/test_security_feed.py tests/vm/test_downgrade.py \
 	tests/vm/test_rollback.py tests/vm/test_rollback_powercut.py \
 	tests/vm/test_fleet.py::test_a_corrupt_artifact_ends_as_a_failure_with_the_reason \

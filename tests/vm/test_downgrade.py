@@ -28,6 +28,7 @@ def older_bundle(built_image: Any) -> bytes:
     return relabelled(built_image.bundles["1.0.0"].read_bytes(), built_image.keys / "signing.pem", "0.9.0")
 
 
+@pytest.mark.reliability  # make reliability (the refusal itself: tests/unit, recovery and reflashctl)
 def test_a_downgrade_the_instruction_does_not_allow_is_rejected_and_the_old_system_boots(
     machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, older_bundle: bytes,
     system_digest: str, scenario: Scenario,

@@ -47,6 +47,7 @@ def status_lines(m: Machine) -> list[str]:
     return out.strip().splitlines()
 
 
+@pytest.mark.reliability  # make test runs the same demo from the update page (tests/vm/test_daemon.py)
 def test_demo_updates_the_running_system_over_the_network(built_image: Any, tmp_path: Path) -> None:
     if (missing := qemu_available()) is not None:
         pytest.skip(missing)
@@ -165,6 +166,7 @@ def test_status_after_a_failed_try_and_the_install_that_followed(
     assert (result["outcome"], result["try"], result["previous"][0]["try"]) == ("installed", 2, 1)
 
 
+@pytest.mark.reliability  # a power cut: make reliability
 def test_power_cut_right_after_staging_still_boots_the_recovery(
     machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, good_bundle: bytes
 ) -> None:

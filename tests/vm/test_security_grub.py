@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from vm.deadlines import RECOVERY
 from vm.disk import DiskImage
 from vm.machine import Machine
@@ -105,6 +107,7 @@ def test_recovery_refuses_a_conflicting_command_line_with_the_rescue_shell(
     assert "recovery: verifying" not in m.console_log.read_text(errors="replace")
 
 
+@pytest.mark.reliability  # make reliability (test_boot.py counts GRUB's tries in make test)
 def test_grub_still_passes_its_own_counts(
     machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, tmp_path: Path, scenario: Scenario,
 ) -> None:
