@@ -180,6 +180,13 @@ def judge(
         fail("cfg", f"the recovery cannot read cfg after e2fsck -p ({replayed.problem})")
     for who, view, strict in (("GRUB", grub, False), ("the recovery", replayed, True)):
         for reason in _block_problems(view, strict):
+            # Found by this check (the second recording): a cut in a checkpoint with the disk's writes
+            # reordered can show GRUB, which reads past no journal, an instruction that is no block (0
+            # bytes). That is the garbage path by design: GRUB counts in recovery/grubenv and boots the
+            # recovery, which reads cfg after the journal (whole instruction or none; the rules below).
+            if (not strict and reason[0] == "instruction" and decision.entry is Entry.recovery
+                    and decision.save is not None and decision.save.file == GRUBENV):
+                continue
             fail(reason[0], f"{who} reads {reason[1]}")
     instruction = replayed.files.get(INSTRUCTION)
     if instruction is not None:
