@@ -114,12 +114,13 @@ def unpack_payload(bundle: Path, dest: Path) -> None:
     archive.unlink()
 
 
-def broken_bundle(built: Any, kind: str) -> Path:
-    """The bundle of BROKEN[kind], made from built 2.0.0 once and kept beside the image."""
-    spec = BROKEN[kind]
-    out = built.disk.parent / "broken"
+def variant_bundle(built: Any, kind: str, version: str, change: Callable[[Path], None], *,
+                   check_boot: bool = True) -> Path:
+    """A bundle of built 2.0.0's tree relabelled `version` and changed by `change`, signed with the build's
+    key; made once and kept beside the image in `kind`/ (two sessions may ask at once: one makes it)."""
+    out = built.disk.parent / kind
     out.mkdir(exist_ok=True)
-    bundle = out / f"{built.config.product}-{spec.version}.bundle"
+    bundle = out / f"{built.config.product}-{version}.bundle"
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if bundle.exists():
@@ -127,10 +128,16 @@ def broken_bundle(built: Any, kind: str) -> Path:
         with tempfile.TemporaryDirectory(dir=out) as t:
             tree = Path(t) / "tree"
             unpack_payload(built.bundles["2.0.0"], tree)
-            _relabel(tree, "2.0.0", spec.version)
-            spec.breaks(tree)
+            _relabel(tree, "2.0.0", version)
+            change(tree)
             partial = Path(t) / bundle.name
             create_bundle(tree, partial, key=built.keys / "signing.pem", product=built.config.product,
-                          version=spec.version, check_boot=False)
+                          version=version, check_boot=check_boot)
             shutil.move(partial, bundle)
     return bundle
+
+
+def broken_bundle(built: Any, kind: str) -> Path:
+    """The bundle of BROKEN[kind], made from built 2.0.0 once and kept beside the image."""
+    spec = BROKEN[kind]
+    return variant_bundle(built, "broken", spec.version, spec.breaks, check_boot=False)
