@@ -24,7 +24,17 @@ from recovery.core.envblock import format_envblock, parse_envblock
 from recovery.core.errors import Failed, Rejected, UpdateError
 from recovery.core.instruction import DiskSpec, DiskSpecKind
 from recovery.core.run import run
-from recovery.core.slots import MENU_SUMS, RECORD, SLOT_BLOCK, SLOT_KEY, SLOTS, FileDigest, RecoveryImage, other
+from recovery.core.slots import (
+    MENU_SUMS,
+    RECORD,
+    SLOT_BLOCK,
+    SLOT_KEY,
+    SLOTS,
+    FileDigest,
+    RecoveryImage,
+    digest_file,
+    other,
+)
 from recovery.updated.sysconfig import SystemConfig
 
 log = logging.getLogger(__name__)
@@ -167,22 +177,13 @@ def _mismatch(directory: Path, image: RecoveryImage, *, from_disk: bool) -> str 
         files[MENU_SUMS] = FileDigest(len(sums), hashlib.sha256(sums).hexdigest())
     for name, want in files.items():
         try:
-            got = _read_back(directory / name) if from_disk else _digest(directory / name)
+            got = _read_back(directory / name) if from_disk else digest_file(directory / name)
         except OSError as e:
             return f"{name}: {e.strerror or e}"
         if got != want:
             return (f"{name} is {got.size} bytes with sha256 {got.sha256}, "
                     f"recovery.json says {want.size} bytes with sha256 {want.sha256}")
     return None
-
-
-def _digest(path: Path) -> FileDigest:
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return FileDigest(size, h.hexdigest())
 
 
 # --- the update ----------------------------------------------------------------------------------
