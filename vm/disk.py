@@ -242,6 +242,31 @@ class DiskImage:
             return True
 
 
+    def tear_file(self, partition: str | int, path: str, *, on_disk: bytes, in_journal: bytes) -> None:
+        """Leave the one-block file `path` (it must exist) as a power cut inside a journal checkpoint can:
+        `on_disk` in its block, which is what GRUB reads (it reads past no journal), and `in_journal` in a
+        committed transaction not yet written back, which is what Linux reads after its replay. Both are
+        padded with zeros to the block; the inode, and so the file's size, stays as it is."""
+        target = _fs_path(path)
+        with self._filesystem(partition) as (part, image):
+            stats, _ = _debugfs(image, ["stats -h"])
+            size = re.search(r"^Block size:\s*(\d+)", stats, re.MULTILINE)
+            where, errors = _debugfs(image, [f"bmap {_q(target)} 0"])
+            block = re.search(r"^(\d+)$", where.strip(), re.MULTILINE)
+            if size is None or block is None or int(block.group(1)) == 0:
+                raise VMError(f"cannot find the block of {target} in partition {part.name}: {_last_line(errors)}")
+            bsize, number = int(size.group(1)), int(block.group(1))
+            if max(len(on_disk), len(in_journal)) > bsize:
+                raise VMError(f"tear_file: {target} must fit in one block of {bsize} bytes")
+            with open(image, "r+b") as f:
+                f.seek(number * bsize)
+                f.write(on_disk.ljust(bsize, b"\0"))
+            journaled = image.parent / "journaled"
+            journaled.write_bytes(in_journal.ljust(bsize, b"\0"))
+            _debugfs(image, ["jo", f"jw -b {number} {_q(journaled)}", "jc"], writable=True)
+            self.import_range(part.start, image)
+
+
 class _Ext4:
     """Questions to debugfs about one file system image."""
 

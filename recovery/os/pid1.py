@@ -37,7 +37,7 @@ from recovery.os.installer import (
     recovery_identity,
     reset_fallback_counter,
 )
-from recovery.os.rollback import NoRollback, plan_rollback, tree_problem
+from recovery.os.rollback import NoRollback, NotOnTrial, plan_rollback, tree_problem
 
 log = logging.getLogger("recovery")
 
@@ -187,7 +187,15 @@ def rollback(config: RecoveryConfig, boot: Boot, console: Console) -> None:
     if not (cfg / INSTRUCTION).exists() and not (cfg / INCOMPLETE).exists():
         try:
             plan = plan_rollback(cfg, installed_version=lambda: _system_look(config, read_version),
-                                 problem=lambda: _system_look(config, tree_problem))
+                                 problem=lambda: _system_look(config, tree_problem, unusable=UNMOUNTABLE))
+        except NotOnTrial as e:
+            # Nothing failed: the release confirmed itself. The try GRUB counted goes, and the journal
+            # is written out so GRUB reads the whole (empty) trial block and boots the system.
+            console.say(f"recovery: nothing to roll back: {e}")
+            reset_fallback_counter(cfg)
+            checkpoint_journal(cfg)
+            _finish(cfg, console)
+            return
         except NoRollback as e:
             result = Result(Outcome.failed, f"cannot roll back: {e}", try_=boot.try_count, started=now(),
                             finished=now(), recovery=recovery_identity(config, boot))
@@ -204,13 +212,18 @@ def rollback(config: RecoveryConfig, boot: Boot, console: Console) -> None:
     install(config, boot, console)
 
 
-def _system_look(config: RecoveryConfig, look: Callable[[Path], str | None]) -> str | None:
-    """`look` at the system partition mounted read-only (without replaying its journal); None if it cannot be."""
+UNMOUNTABLE = "the system partition cannot be mounted"
+
+
+def _system_look(config: RecoveryConfig, look: Callable[[Path], str | None],
+                 unusable: str | None = None) -> str | None:
+    """`look` at the system partition mounted read-only (without replaying its journal); `unusable` if it
+    cannot be."""
     try:
         node = find_device(config.system, timeout=config.device_timeout)
         mount(node, SYSTEM_MOUNT, options="ro,nosuid,nodev,noexec,noload")
     except UpdateError:
-        return None
+        return unusable
     try:
         return look(SYSTEM_MOUNT)
     finally:

@@ -23,6 +23,15 @@ class NoRollback(UpdateError):
     kind = "failed"
 
 
+class NotOnTrial(Exception):
+    """Rollback mode, but cfg (after its journal) says no trial and the system's tree is whole: the
+    installed release confirmed itself. Nothing is rolled back; the recovery boots it again.
+
+    GRUB reads cfg past its journal, so a power cut inside the checkpoint that follows `confirm`'s end
+    of the trial can show it a trial block that is no block, and it boots the rollback entry
+    (DESIGN.md "What a power cut leaves"); by hand the entry is chosen the same way."""
+
+
 @dataclass(frozen=True)
 class RollbackPlan:
     instruction: Instruction  # installs the fallback bundle
@@ -75,7 +84,10 @@ def plan_rollback(cfg: Path, *, installed_version: Callable[[], str | None],
         if counter.on_trial:
             why = failure_reason(failed, counter, read_notes(cfg, failed), problem())
         else:
-            why = f"{failed} was not on trial: rollback chosen at the boot menu"
+            broken = problem()
+            if broken is None:
+                raise NotOnTrial(f"{failed} is not on trial: it confirmed itself")
+            why = f"{failed} is not on trial, but its system cannot boot: {broken}"
     if installed is not None and installed.restored and counter is not None and counter.on_trial:
         raise NoRollback(f"{failed} was itself restored by a rollback and did not confirm either: {why}")
     try:

@@ -150,6 +150,19 @@ def test_trial_counters(tmp_path):
     assert rules(check_cfg(started, state="s")) == ["unwatched"]
 
 
+def test_an_ended_trial_torn_for_grub_is_one_boot_more(tmp_path):
+    """The third recording's finding: confirm ended the trial, its checkpoint was cut with the writes
+    reordered. GRUB reads no block and boots the rollback entry; the recovery reads the ended trial."""
+    torn = in_journal_only(make_cfg(tmp_path / "torn.img", {**IDLE, TRIAL: b"x" * 1024}), {TRIAL: format_envblock({})})
+    check = check_cfg(torn, state="s")
+    assert check.decision.entry is Entry.rollback and check.recovery.files[TRIAL] == format_envblock({})
+    assert check.ok, [str(f) for f in check.findings]
+    # still on trial after the journal: GRUB's reading is a finding (it rolls back with boots left)
+    on_trial = in_journal_only(make_cfg(tmp_path / "on.img", {**IDLE, TRIAL: b"x" * 1024}),
+                               {TRIAL: format_envblock({"trial_max": "3", "trial_boot": "1"})})
+    assert rules(check_cfg(on_trial, state="s")) == ["trial"]
+
+
 def test_the_phase_of_a_state(tmp_path):
     image = make_cfg(tmp_path / "idle.img", IDLE)
     assert rules(check_cfg(image, state="s", phase="extracting")) == ["boot"]

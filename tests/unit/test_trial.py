@@ -21,6 +21,7 @@ from recovery.core.errors import Failed, Rejected
 from recovery.core.instruction import Action, Instruction, read_instruction, write_instruction
 from recovery.core.result import Outcome, read_result
 from recovery.core.trial import (
+    FAILED,
     FALLBACK,
     INSTALLED,
     NOTES,
@@ -43,7 +44,7 @@ from recovery.core.trial import (
 from recovery.os.cmdline import Boot
 from recovery.os.console import Console
 from recovery.os.installer import INSTRUCTION, Installer
-from recovery.os.rollback import NoRollback, plan_rollback, tree_problem
+from recovery.os.rollback import NoRollback, NotOnTrial, plan_rollback, tree_problem
 from recovery.updated import trial
 from recovery.updated.cli import main
 
@@ -184,11 +185,24 @@ def test_a_restored_release_that_fails_is_not_rolled_back_again(cfg: Path) -> No
         plan(cfg)
 
 
-def test_a_rollback_chosen_by_hand_outside_a_trial(cfg: Path) -> None:
+def test_outside_a_trial_the_confirmed_release_is_not_rolled_back(cfg: Path) -> None:
+    """The rollback entry with the trial ended (chosen by hand, or GRUB reading a trial block torn by a
+    cut in confirm's checkpoint before settle updated the fallback): 2.0.0 confirmed itself and stays."""
     Installed(NEW).write(cfg)
     end_trial(cfg)
     write_fallback(cfg, OLD)
-    assert plan(cfg).reason == "2.0.0 was not on trial: rollback chosen at the boot menu"
+    with pytest.raises(NotOnTrial, match=r"^2\.0\.0 is not on trial: it confirmed itself$"):
+        plan(cfg)
+    assert not (cfg / FAILED).exists()
+
+
+def test_outside_a_trial_a_system_that_cannot_boot_is_reinstalled_from_the_fallback(cfg: Path) -> None:
+    Installed(NEW).write(cfg)
+    end_trial(cfg)
+    write_fallback(cfg, NEW)
+    p = plan(cfg, problem="no kernel at /boot/vmlinuz")
+    assert p.instruction.version == "2.0.0"
+    assert p.reason == "2.0.0 is not on trial, but its system cannot boot: no kernel at /boot/vmlinuz"
 
 
 def test_an_unreadable_counter_still_rolls_back(cfg: Path) -> None:

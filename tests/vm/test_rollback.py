@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,12 @@ from typing import Any
 import pytest
 
 from mkimage.publish import publish
-from recovery.core.envblock import parse_envblock
+from recovery.core.envblock import format_envblock, parse_envblock
 from tests.reliability import Scenario, scenario  # noqa: F401  (the fixture, also without the plugin)
 from tests.vm.releases import BROKEN, broken_bundle
 from tests.vm.staging import INSTRUCTION, read_result, ready, stage
 from tests.vm.treecheck import check_installed
+from vm.crashcheck import grub_view
 from vm.deadlines import BOOT, RECOVERY
 from vm.disk import DiskImage
 from vm.machine import Firmware, Machine
@@ -139,3 +141,38 @@ def test_a_release_that_does_not_work_is_rolled_back(
         assert vm_disk.read_file(part, path) == data, (part, path)
     failed = json.loads(vm_disk.read_file("cfg", "/recovery/failed.json") or b"{}")
     assert [r["version"] for r in failed["releases"]] == [broken.version]
+
+
+def test_the_rollback_entry_outside_a_trial_boots_the_confirmed_release_again(
+    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, scenario: Scenario,
+) -> None:
+    """Issue 18's third finding, made by hand: `confirm` emptied the trial block and a cut inside the
+    checkpoint after it (the disk reordering its writes) left GRUB, which reads past no journal, a
+    trial block that is no block, while the journal holds the empty one. GRUB boots the rollback entry;
+    the recovery reads the ended trial after the journal and boots the confirmed release again."""
+    scenario.name = "Rollback entry outside a trial (a trial block torn for GRUB after confirm)"
+    scenario.checked = ("GRUB boots the rollback entry; the recovery says there is nothing to roll back and reboots "
+                        "without erasing; 1.0.0 boots; result.json and failed.json untouched; GRUB's view of the "
+                        "trial block whole and empty afterwards")
+    empty = format_envblock({})
+    vm_disk.write_file("cfg", TRIAL, empty)
+    vm_disk.tear_file("cfg", TRIAL, on_disk=b"x" * len(empty), in_journal=empty)
+    assert vm_disk.read_file("cfg", "/recovery/result.json") is None
+    m = machine()
+    m.expect(r"Loading the recovery OS \(rollback, try 1\)", BOOT)
+    m.expect(r"recovery: nothing to roll back: 1\.0\.0 is not on trial: it confirmed itself\r?\n", RECOVERY)
+    m.expect(r"recovery: rebooting", RECOVERY)
+    start = m.console.cursor
+    m.expect(ready(built_image, "1.0.0"), BOOT)
+    m.power_cut()
+    text = m.console.text
+    assert "recovery: erasing" not in text and "rolling back" not in text, m.tail()
+    assert "Loading the recovery OS" not in text[start:], "GRUB chose the recovery again after the checkpoint"
+    assert vm_disk.read_file("cfg", "/recovery/result.json") is None
+    assert vm_disk.read_file("cfg", "/recovery/failed.json") is None
+    assert parse_envblock(vm_disk.read_file("cfg", "/recovery/grubenv") or b"") == {}
+    part = vm_disk.partition("cfg")
+    with tempfile.TemporaryDirectory(dir=vm_disk.path.parent) as tmp:
+        exported = Path(tmp) / "cfg.img"
+        vm_disk.export_range(part.start, part.size, exported)
+        assert grub_view(exported).files["recovery/trial"] == empty
