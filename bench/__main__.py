@@ -38,7 +38,7 @@ from .timeline import median_run, svg
 
 REPO = Path(__file__).resolve().parent.parent
 GNU_TAR = ["tar", "--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner", "-p", "-I", "zstd", "-x"]
-SECTIONS = ("files", "erase", "build", "phase", "boot", "memory", "cycle", "rollback")
+SECTIONS = ("files", "erase", "build", "phase", "boot", "memory", "cycle", "rollback", "downtime")
 
 
 def _fresh(directory: Path) -> None:
@@ -147,7 +147,7 @@ def say(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
-VM_SECTIONS = {"phase", "boot", "memory", "cycle", "rollback"}
+VM_SECTIONS = {"phase", "boot", "memory", "cycle", "rollback", "downtime"}
 
 
 class Bench:
@@ -258,8 +258,16 @@ class Bench:
             r.rollback.append(vm.rollback_time(g))
             say(f"rollback, first failed trial boot to the restored release confirmed: {r.rollback[-1].total:.0f} s")
 
+        def downtime() -> None:
+            for firmware in (vm.Firmware.bios, vm.Firmware.uefi):
+                for i in range(repeat):
+                    r.downtime.append(vm.downtime(g, firmware))
+                    d = r.downtime[-1]
+                    say(f"downtime {firmware}, run {i + 1}/{repeat}: {d.to_verdict:.1f} s to the verdict, "
+                        f"{d.to_ready:.1f} s to ready")
+
         for name, measure in (("phase", phase), ("boot", boot), ("memory", memory), ("cycle", cycle),
-                              ("rollback", rollback)):
+                              ("rollback", rollback), ("downtime", downtime)):
             if name in self.sections:
                 self.attempt(name, measure)
 

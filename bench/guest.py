@@ -21,7 +21,7 @@ from vm.console import ConsoleClosed, ConsoleTimeout
 from vm.disk import DiskImage
 from vm.machine import Firmware, Machine
 
-from .timeline import LineClock, PhaseRun
+from .timeline import DOWNTIME_MARKS, DowntimeRun, LineClock, PhaseRun
 
 
 INSTRUCTION = "/update-instruction"
@@ -245,6 +245,33 @@ def demo_cycle(guest: Guest) -> Cycle:
     guest.done(disk)
     return Cycle(total=total, marks=clock.marks(CYCLE_MARKS),
                  how="boot 1.0.0 (bundle on storage), `reflashctl install FILE`, recovery, boot 2.0.0")
+
+
+def downtime(guest: Guest, firmware: Firmware) -> DowntimeRun:
+    """Boot 1.0.0 with the 2.0.0 bundle on storage, stage it with `reflashctl install FILE` and stamp
+    everything from its reboot line to `system … 2.0.0 ready` (timeline.DOWNTIME_MARKS)."""
+    image = guest.image
+    disk = guest.overlay()
+    name = f"/bundles/{bundle_name(image)}"
+    disk.write_file("storage", name, image.bundles[TO_VERSION].read_bytes())
+    clock = LineClock()
+    m = guest.machine(disk, clock, firmware=firmware)
+    try:
+        _start(m, clock)
+        m.expect(guest.ready(image.config.version), BOOT)
+        m.shell("true", BOOT)
+        m.send(f"reflashctl install /storage{name}\n")
+        m.expect(r"recovery: installed " + re.escape(TO_VERSION), RECOVERY)
+        m.expect(guest.ready(TO_VERSION) + r"[^\n]*\n", BOOT)  # whole: the clock stamps ended lines
+    finally:
+        m.power_cut()
+        m.close()
+    guest.done(disk)
+    marks = clock.marks(DOWNTIME_MARKS)
+    missing = [n for n, _ in DOWNTIME_MARKS if n not in marks]
+    if missing:
+        raise RuntimeError(f"downtime: no console line for {', '.join(missing)} (log in {guest.workdir})")
+    return DowntimeRun(str(firmware), marks)
 
 
 # --- the rollback ------------------------------------------------------------------------------------

@@ -51,6 +51,62 @@ DESCRIPTIONS = {
 }
 
 
+# Downtime (issue 16): from the running system's reboot to the new release ready, every part a row.
+DOWNTIME_MARKS: tuple[tuple[str, str], ...] = (
+    ("reboot", r"rebooting into the recovery to install it"),
+    ("reset", r"reboot: Restarting system"),
+    ("grub", r"GNU GRUB  version"),
+    ("grub_recovery", r"Loading the recovery OS"),
+    ("kernel", r"Linux version \d"),
+    ("starting", r"recovery: starting"),
+    ("verifying", r"recovery: verifying\s*$"),
+    ("erasing", r"recovery: erasing\s*$"),
+    ("extracting", r"recovery: extracting\s*$"),
+    ("finishing", r"recovery: finishing\s*$"),
+    ("verdict", r"recovery: installed \S+"),
+    ("rebooting", r"recovery: rebooting\s*$"),
+    ("reset_recovery", r"reboot: Restarting system"),
+    ("grub_system", r"Loading the system"),
+    ("ready", r"system \S+ \S+ ready"),
+)
+DOWNTIME_STEPS: tuple[tuple[str, str, str, str], ...] = (
+    ("shutdown", "reboot", "reset", "the running system stops: units stopped, file systems unmounted"),
+    ("firmware", "reset", "grub", "reset to GRUB's menu: the firmware, GRUB's core and its scripts"),
+    ("menu", "grub", "grub_recovery", "GRUB's menu (its 1 s timeout) to `Loading the recovery OS`"),
+    ("load", "grub_recovery", "kernel", "GRUB reads the recovery kernel and initramfs, the kernel starts"),
+    ("kernel", "kernel", "starting", "the kernel to PID 1 (initramfs unpacked, Python up)"),
+    ("udev", "starting", "verifying", "PID 1 to `verifying`: udev, cfg checked and mounted, disks found"),
+    ("verify", "verifying", "erasing", "signature, manifest, payload sha256"),
+    ("erase", "erasing", "extracting", "mkfs.ext4 of the system partition"),
+    ("extract", "extracting", "finishing", "the payload streamed, re-hashed and written"),
+    ("finish", "finishing", "verdict", "result, install record, trial started, instruction removed"),
+    ("reboot", "verdict", "grub_system", "unmount, reset, firmware and GRUB's menu to `Loading the system`"),
+    ("system boot", "grub_system", "ready", "the new release's boot to `system … ready`"),
+)
+
+
+@dataclass(frozen=True)
+class DowntimeRun:
+    """One update's downtime: console marks in seconds from QEMU's start, under one firmware."""
+
+    firmware: str
+    marks: dict[str, float]
+
+    def step(self, name: str) -> float:
+        for step, a, b, _ in DOWNTIME_STEPS:
+            if step == name:
+                return self.marks[b] - self.marks[a]
+        raise KeyError(name)
+
+    @property
+    def to_verdict(self) -> float:
+        return self.marks["verdict"] - self.marks["reboot"]
+
+    @property
+    def to_ready(self) -> float:
+        return self.marks["ready"] - self.marks["reboot"]
+
+
 class LineClock:
     """A Machine's `on_output` callback: each console line with the host's monotonic time its end arrived."""
 

@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ET
 
 from bench.host import Host
 from bench.report import Results, figures, render
-from bench.timeline import STEPS, LineClock, PhaseRun, median_run, svg
+from bench.timeline import DOWNTIME_MARKS, DOWNTIME_STEPS, STEPS, DowntimeRun, LineClock, PhaseRun, median_run, svg
 
 CONSOLE = [
     (1.0, b"SeaBIOS\r\nBooting from Hard Disk...\r\n"),
@@ -86,4 +86,37 @@ def test_summary_marks_missed_goals() -> None:
     text = render(slow)
     assert "**MISSED**" in text and "Goals missed: recovery phase" in text
     assert "Test CPU, 2 CPUs" in text and "| extract: " in text
-    assert [f.met for f in figures(slow) if not f.figure.startswith("recovery phase")] == [None] * 8
+    assert [f.met for f in figures(slow) if not f.figure.startswith("recovery phase")] == [None] * 12
+
+
+DOWNTIME = [
+    (0.0, b"system demo-appliance 1.0.0 ready\r\n"),
+    (5.0, b"rebooting into the recovery to install it\r\n"),
+    (9.0, b"[   30.000000] reboot: Restarting system\r\n"),
+    (10.5, b"\x1b[2;24HGNU GRUB  version 2.06-13+deb12u2\r\n"),
+    *[(at + 10.0, data) for at, data in CONSOLE[1:11]],  # GRUB's choice at 12.0 ... `installed` at 62.0
+    (62.5, b"recovery: rebooting\r\n[   70.000000] reboot: Restarting system\r\n"),
+    (66.0, b"Loading the system\r\n"),
+    (90.0, b"system demo-appliance 2.0.0 ready\r\n"),
+]
+
+
+def test_downtime_marks_steps_and_report() -> None:
+    marks = clock_for(DOWNTIME).marks(DOWNTIME_MARKS)
+    assert [name for name, _ in DOWNTIME_MARKS if name not in marks] == []
+    run = DowntimeRun("bios", marks)
+    assert (run.step("shutdown"), run.step("firmware"), run.step("menu")) == (4.0, 1.5, 1.5)
+    assert run.marks["kernel"] == 16.0 and run.step("extract") == 22.5
+    assert run.to_verdict == 57.0 and run.to_ready == 85.0
+    assert abs(sum(run.step(name) for name, *_ in DOWNTIME_STEPS) - run.to_ready) < 1e-9
+    results = Results(host=HOST, downtime=[run, DowntimeRun("uefi", {**marks, "ready": 60.0 + 5.0})])
+    met = {f.figure: f.met for f in figures(results) if f.figure.startswith("downtime")}
+    assert met == {
+        "downtime under TCG, bios: the running system's reboot to the recovery's verdict": False,
+        "downtime under TCG, bios: the running system's reboot to `system … ready` of the new release": False,
+        "downtime under TCG, uefi: the running system's reboot to the recovery's verdict": False,
+        "downtime under TCG, uefi: the running system's reboot to `system … ready` of the new release": True,
+    }
+    text = render(results)
+    assert "**BIOS**, 1 runs:" in text and "| shutdown: the running system stops" in text
+    assert "| **reboot to `ready`** | | **85.0** |" in text
