@@ -12,9 +12,19 @@ import ctypes
 import os
 from collections.abc import Iterator
 
-import libarchive.ffi
 
-lib = libarchive.ffi.libarchive
+def _load() -> ctypes.CDLL:
+    """The library libarchive-c would load (`LIBARCHIVE` names it), opened by its soname: libarchive-c's
+    own search runs `ldconfig -p` in a subprocess, a second of the recovery OS's start under emulation."""
+    try:
+        return ctypes.CDLL(os.environ.get("LIBARCHIVE") or "libarchive.so.13")
+    except OSError:
+        import libarchive.ffi
+
+        return libarchive.ffi.libarchive
+
+
+lib = _load()
 
 
 ARCHIVE_EOF, ARCHIVE_OK, ARCHIVE_WARN, ARCHIVE_FATAL = 1, 0, -20, -30

@@ -9,12 +9,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pyudev
 
 from recovery.core.errors import Failed, Rejected
 from recovery.core.instruction import DiskSpec, DiskSpecKind
 from recovery.core.run import run
+from recovery.os.mounts import mount_table
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,8 @@ def umount(target: Path) -> None:
 
 def mounts_under(prefix: Path) -> Iterator[Path]:
     """Mount points at or below `prefix`, in the order they were mounted."""
-    for part in psutil.disk_partitions(all=True):
-        mp = Path(part.mountpoint)
+    for _device, mountpoint in mount_table():
+        mp = Path(mountpoint)
         if mp == prefix or prefix in mp.parents:
             yield mp
 

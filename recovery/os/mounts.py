@@ -7,12 +7,25 @@ files are all recognised, not just the name written in /proc/self/mounts.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
-import psutil
-
 SYS_BLOCK = Path("/sys/class/block")
+MOUNTS = "/proc/self/mounts"
+
+
+def mount_table(path: str = MOUNTS) -> list[tuple[str, str]]:
+    """(device, mount point) of every mount, in the order they were mounted, the kernel's octal escapes
+    (`\\040` for a space) undone. Read here rather than by psutil, whose import alone costs the recovery
+    OS about a second under emulation and fails before /proc is mounted."""
+    with open(path, "rb") as f:
+        rows = [line.split() for line in f]
+    return [(_unescape(row[0]), _unescape(row[1])) for row in rows if len(row) >= 2]
+
+
+def _unescape(field: bytes) -> str:
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field).decode(errors="surrogateescape")
 
 
 def _rdev(path: str | os.PathLike[str]) -> int | None:
@@ -88,14 +101,14 @@ def mounted_at(target: Path) -> list[str]:
             numbers |= _with_partitions(loop)
     real = os.path.realpath(target)
     found: list[str] = []
-    for part in psutil.disk_partitions(all=True):
-        if part.device.startswith("/") and (os.path.realpath(part.device) == real or _rdev(part.device) in numbers):
-            found.append(part.mountpoint)
+    for device, mountpoint in mount_table():
+        if device.startswith("/") and (os.path.realpath(device) == real or _rdev(device) in numbers):
+            found.append(mountpoint)
             continue
         # Mount tables can name a device that has no node here (`/dev/root`): ask the mount point.
         try:
-            if os.stat(part.mountpoint).st_dev in numbers:
-                found.append(part.mountpoint)
+            if os.stat(mountpoint).st_dev in numbers:
+                found.append(mountpoint)
         except OSError:
             continue
     for swap in _swaps():

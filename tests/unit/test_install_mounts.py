@@ -45,3 +45,16 @@ def test_other_mounts_do_not_count(tmp_path: Path) -> None:
         assert mounted_at(mounted) == []
     finally:
         run(["losetup", "-d", loop])
+
+
+def test_the_mount_table_is_read_as_the_kernel_writes_it(tmp_path):
+    """recovery/os/mounts.py reads /proc/self/mounts itself: spaces, tabs and backslashes come escaped."""
+    from recovery.os.mounts import mount_table
+
+    table = tmp_path / "mounts"
+    table.write_bytes(b"/dev/vda3 /run/recovery/cfg ext4 rw,sync 0 0\n"
+                      b"/dev/sdb1 /mnt/a\\040b\\011c\\134d vfat ro 0 0\n"
+                      b"proc /proc proc rw 0 0\n\n")
+    assert mount_table(str(table)) == [("/dev/vda3", "/run/recovery/cfg"), ("/dev/sdb1", "/mnt/a b\tc\\d"),
+                                       ("proc", "/proc")]
+    assert ("proc", "/proc") in mount_table()  # this machine's own table
