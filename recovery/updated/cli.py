@@ -13,24 +13,33 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from recovery.core.cli import UsageError, add_debug, boundary
 from recovery.core.errors import Failed, Rejected
 from recovery.core.output import MiB, strip_controls
 from recovery.core.run import reboot_now
-from recovery.core.trial import read_failed
-from recovery.updated import apitoken, recoveryslots, trial
-from recovery.updated.client import Client
-from recovery.updated.operations import Operations, up_to_date
-from recovery.updated.servicestate import Phase
 from recovery.updated.sysconfig import SystemConfig
-from recovery.updated.updater import Reboot, Staged, Updater, newer, reboot_system
+
+if TYPE_CHECKING:
+    from recovery.updated.client import Client
+    from recovery.updated.updater import Reboot, Staged, Updater
+
+# The update machinery (feeds, transfers, the daemon's client) is imported by the commands that use it:
+# `guard` and `confirm` run at every boot, and under emulation every module imported costs boot time.
 
 log = logging.getLogger(__name__)
 
 
+def reboot_system() -> None:
+    from recovery.updated.updater import reboot_system as reboot
+
+    reboot()
+
+
 def _updater(args: argparse.Namespace) -> Updater:
+    from recovery.updated.updater import Updater
+
     return Updater(SystemConfig.load(args.config), reboot=args.reboot_fn)
 
 
@@ -46,6 +55,9 @@ def _finish(args: argparse.Namespace, updater: Updater, staged: Staged) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
+    from recovery.updated.client import Client
+    from recovery.updated.operations import Operations
+
     updater = _updater(args)
     if args.latest and args.source is None:
         raise UsageError("install --latest needs the feed: reflashctl install --latest FEED")
@@ -80,6 +92,9 @@ def _install_through(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
+    from recovery.updated.client import Client
+    from recovery.updated.operations import Operations
+
     updater = _updater(args)
     client = Client.connect(updater.config.daemon.socket)
     if client is not None:
@@ -102,6 +117,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 def _download_through(client: Client, args: argparse.Namespace) -> str:
     """Start the download in reflashd and follow it to its end; "downloaded", or "nothing" when the
     feed has nothing newer. Ctrl-C stops following, not the download."""
+    from recovery.updated.servicestate import Phase
+
     request: dict[str, Any] = {"force": args.force, "allow_downgrade": args.allow_downgrade}
     if args.latest:
         request.update(latest=True, feed=args.source)
@@ -141,6 +158,9 @@ def _done(record: dict[str, Any]) -> str:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    from recovery.updated.client import Client
+    from recovery.updated.operations import Operations
+
     updater = _updater(args)
     client = Client.connect(updater.config.daemon.socket)
     if client is not None:
@@ -153,11 +173,17 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    from recovery.updated import apitoken
+
     print(apitoken.read_or_create(SystemConfig.load(args.config).cfg))
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from recovery.core.trial import read_failed
+    from recovery.updated.operations import up_to_date
+    from recovery.updated.updater import newer
+
     _feed, _source, newest, running = _updater(args).check(args.feed)
     # Everything printed from the feed goes through strip_controls: a signed feed is the publisher's
     # word on releases, not a licence to drive this terminal.
@@ -176,6 +202,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from recovery.updated import recoveryslots
+    from recovery.updated.operations import Operations
+
     ops = Operations(_updater(args))
     state = ops.status()
     recovery = _recovery_status(ops.config)
@@ -221,6 +250,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _recovery_status(config: SystemConfig) -> dict[str, Any] | None:
     """The recovery partition's slots; None without one (no line then); `{"error"}` when unreadable, which
     the status shows as its warning (a log line would break `--json`: the log goes to stdout)."""
+    from recovery.updated import recoveryslots
+
     try:
         return recoveryslots.slots_status(config)
     except Exception as e:  # noqa: BLE001 - status shows what it can, whatever this says
@@ -245,6 +276,8 @@ def _headline(state: dict[str, Any]) -> str:
 
 
 def _download_line(download: dict[str, Any]) -> str:
+    from recovery.updated.servicestate import Phase
+
     if download["phase"] == Phase.downloaded:
         return f"{download['version']} downloaded ({download['file']}): reflashctl install installs it"
     if download["phase"] == Phase.failed:
@@ -256,6 +289,8 @@ def _download_line(download: dict[str, Any]) -> str:
 
 
 def cmd_confirm(args: argparse.Namespace) -> int:
+    from recovery.updated import trial
+
     config = SystemConfig.load(args.config)
     said: list[str] = []
 
@@ -270,6 +305,8 @@ def cmd_confirm(args: argparse.Namespace) -> int:
 
 
 def cmd_guard(args: argparse.Namespace) -> int:
+    from recovery.updated import trial
+
     config = SystemConfig.load(args.config)
     # Forced: a release stuck in its boot may never finish a clean shutdown either.
     print(trial.guard(config, reboot=args.force_reboot_fn))
