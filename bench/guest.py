@@ -21,7 +21,7 @@ from vm.console import ConsoleClosed, ConsoleTimeout
 from vm.disk import DiskImage
 from vm.machine import Firmware, Machine
 
-from .timeline import DOWNTIME_MARKS, DowntimeRun, LineClock, PhaseRun
+from .timeline import DOWNTIME_MARKS, DOWNTIME_OPTIONAL, DowntimeRun, LineClock, PhaseRun
 
 
 INSTRUCTION = "/update-instruction"
@@ -267,8 +267,8 @@ def downtime(guest: Guest, firmware: Firmware) -> DowntimeRun:
         m.power_cut()
         m.close()
     guest.done(disk)
-    marks = clock.marks(DOWNTIME_MARKS)
-    missing = [n for n, _ in DOWNTIME_MARKS if n not in marks]
+    marks = clock.marks(DOWNTIME_MARKS, optional=DOWNTIME_OPTIONAL)
+    missing = [n for n, _ in DOWNTIME_MARKS if n not in marks and n not in DOWNTIME_OPTIONAL]
     if missing:
         raise RuntimeError(f"downtime: no console line for {', '.join(missing)} (log in {guest.workdir})")
     return DowntimeRun(str(firmware), marks)

@@ -416,10 +416,19 @@ def downtime_section(r: Results) -> list[str]:
         runs = [d for d in r.downtime if d.firmware == firmware]
         if not runs:
             continue
-        lines += [f"**{firmware.upper()}**, {len(runs)} runs:", "",
+        kexec = [d.kexec for d in runs]
+        into = "by kexec (no firmware, no GRUB on the way in)" if all(kexec) else \
+            "through the firmware and GRUB" if not any(kexec) else "by kexec in some runs only"
+        lines += [f"**{firmware.upper()}**, {len(runs)} runs, into the recovery {into}:", "",
                   "| step | from → to | median s | min s | max s |", "|---|---|---:|---:|---:|"]
         for name, a, b, what in DOWNTIME_STEPS:
-            m, lo, hi = spread([d.step(name) for d in runs])
+            values = [v for d in runs if (v := d.step(name)) is not None]
+            if not values:
+                lines.append(f"| {name}: {what} | `{a}` → `{b}` | – | – | – |")
+                continue
+            if name == "shutdown" and any(kexec):
+                a, b, what = "reboot", "kernel", "the running system stops and kexecs into the recovery kernel"
+            m, lo, hi = spread(values)
             lines.append(f"| {name}: {what} | `{a}` → `{b}` | {m:.1f} | {lo:.1f} | {hi:.1f} |")
         for label, attr in (("reboot to the recovery's verdict", "to_verdict"), ("reboot to `ready`", "to_ready")):
             m, lo, hi = spread([getattr(d, attr) for d in runs])

@@ -7,7 +7,7 @@ import re
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from html import escape
 
@@ -69,6 +69,9 @@ DOWNTIME_MARKS: tuple[tuple[str, str], ...] = (
     ("grub_system", r"Loading the system"),
     ("ready", r"system \S+ \S+ ready"),
 )
+# Not there when the running system kexecs into the recovery (recovery/updated/kexec.py): no reset, no
+# firmware, no GRUB on the way in; the shutdown then runs to the recovery kernel's start.
+DOWNTIME_OPTIONAL = frozenset({"reset", "grub", "grub_recovery"})
 DOWNTIME_STEPS: tuple[tuple[str, str, str, str], ...] = (
     ("shutdown", "reboot", "reset", "the running system stops: units stopped, file systems unmounted"),
     ("firmware", "reset", "grub", "reset to GRUB's menu: the firmware, GRUB's core and its scripts"),
@@ -92,11 +95,21 @@ class DowntimeRun:
     firmware: str
     marks: dict[str, float]
 
-    def step(self, name: str) -> float:
+    def step(self, name: str) -> float | None:
+        """Seconds of a step; None for the firmware's and GRUB's steps skipped by kexec (the shutdown
+        then runs to the kernel's start)."""
         for step, a, b, _ in DOWNTIME_STEPS:
             if step == name:
+                if a not in self.marks or b not in self.marks:
+                    if name != "shutdown":
+                        return None
+                    b = next(m for m in ("reset", "grub", "grub_recovery", "kernel") if m in self.marks)
                 return self.marks[b] - self.marks[a]
         raise KeyError(name)
+
+    @property
+    def kexec(self) -> bool:
+        return "grub_recovery" not in self.marks
 
     @property
     def to_verdict(self) -> float:
@@ -128,20 +141,28 @@ class LineClock:
             for raw in complete:
                 self.lines.append((now, raw.decode(errors="replace").replace("\r", "").rstrip()))
 
-    def marks(self, marks: Sequence[tuple[str, str]] = MARKS) -> dict[str, float]:
-        """Seconds from QEMU's start to each mark, found in order (a mark missing ends the search)."""
+    def marks(self, marks: Sequence[tuple[str, str]] = MARKS, optional: Collection[str] = ()) -> dict[str, float]:
+        """Seconds from QEMU's start to each mark, found in order (a mark missing ends the search). A
+        mark in `optional` counts only if it comes before the next mark that is not: else it is left out."""
         found: dict[str, float] = {}
         with self._lock:
             lines = list(self.lines)
-        i = 0
-        for name, pattern in marks:
+
+        def first(pattern: str, start: int) -> int:
             regex = re.compile(pattern)
-            while i < len(lines) and not regex.search(lines[i][1]):
-                i += 1
-            if i == len(lines):
+            return next((j for j in range(start, len(lines)) if regex.search(lines[j][1])), len(lines))
+
+        i = 0
+        for k, (name, pattern) in enumerate(marks):
+            at = first(pattern, i)
+            if name in optional:
+                following = next((p for n, p in marks[k + 1:] if n not in optional), None)
+                if at == len(lines) or (following is not None and first(following, i) < at):
+                    continue
+            if at == len(lines):
                 break
-            found[name] = lines[i][0]
-            i += 1
+            found[name] = lines[at][0]
+            i = at + 1
         if "kernel" in found and "starting" in found:
             found["kernel"] = self._kernel_start(lines, found["kernel"], found["starting"])
         return found

@@ -44,6 +44,9 @@ MASKED_UNITS = (
     "modprobe@loop.service", "modprobe@fuse.service", "modprobe@dm_mod.service", "modprobe@configfs.service",
     "modprobe@drm.service", "modprobe@efi_pstore.service", "systemd-update-utmp.service",
     "systemd-update-utmp-runlevel.service",
+    # kexec-tools is there for reflashctl's way into the recovery (recovery/updated/kexec.py), not to
+    # turn every reboot into a kexec: that would skip GRUB, which counts the trial boots.
+    "kexec-load.service", "kexec.service",
 )
 
 SERIAL_AUTOLOGIN = """[Service]

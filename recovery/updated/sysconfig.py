@@ -31,7 +31,7 @@ DEFAULT_RECOVERY_SOURCE = Path("/usr/lib/reflash/recovery")  # a release's own r
 
 
 KNOWN = {"product", "keys", "cfg", "storage", "storage_disk", "bundles", "os_release", "health_dir",
-         "trial_time_limit", "health_timeout", "daemon", "fleet", "recovery_source", "recovery_disk"}
+         "trial_time_limit", "health_timeout", "daemon", "fleet", "recovery_source", "recovery_disk", "kexec"}
 
 
 DEFAULT_SOCKET = Path("/run/reflash/reflashd.sock")
@@ -165,6 +165,7 @@ class SystemConfig:
     fleet: FleetConfig | None = None  # no [fleet]: the appliance reports to no fleet server
     recovery_source: Path = DEFAULT_RECOVERY_SOURCE  # none there: the release carries no recovery
     recovery_disk: str = "PARTLABEL=recovery"  # the recovery partition, whose inactive slot gets it
+    kexec: bool = True  # into the recovery by kexec, past the firmware and GRUB, when it can (kexec.py)
 
     @property
     def bundle_dir(self) -> Path:
@@ -209,6 +210,12 @@ class SystemConfig:
         bundles = PurePosixPath(text("bundles", "bundles"))
         if bundles.is_absolute() or ".." in bundles.parts:
             raise Rejected(f"{source}: bundles must be a relative path below storage, not {bundles}")
+        def flag(key: str, default: bool) -> bool:
+            value = data.get(key, default)
+            if not isinstance(value, bool):
+                raise Rejected(f"{source}: {key} must be true or false")
+            return value
+
         def seconds(key: str, default: float) -> float:
             value = data.get(key, default)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
@@ -230,6 +237,7 @@ class SystemConfig:
             fleet=FleetConfig.from_dict(data["fleet"], source) if "fleet" in data else None,
             recovery_source=absolute("recovery_source", str(DEFAULT_RECOVERY_SOURCE)),
             recovery_disk=disk("recovery_disk", "PARTLABEL=recovery"),
+            kexec=flag("kexec", True),
         )
 
     def running_version(self) -> str | None:

@@ -58,8 +58,19 @@ def utc_now() -> datetime:
 
 
 def reboot_system() -> None:
-    """Reboot into the recovery: through systemd when it runs (a clean shutdown), else sync + reboot(2)."""
+    """Reboot into the recovery: through systemd when it runs (a clean shutdown; by kexec, past the
+    firmware and GRUB, when the system configuration allows it and it can), else sync + reboot(2)."""
     if Path("/run/systemd/system").exists():
+        try:
+            config = SystemConfig.load(None)  # /etc/recovery/system.toml, or $UPDATECTL_CONFIG
+        except (Rejected, OSError) as e:
+            log.info("no kexec: %s", e)
+            config = None
+        if config is not None and config.kexec:
+            from recovery.updated.kexec import reboot_into_recovery
+
+            reboot_into_recovery(config)
+            return
         run(["systemctl", "reboot"])
         return
     try:

@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ET
 
 from bench.host import Host
 from bench.report import Results, figures, render
-from bench.timeline import DOWNTIME_MARKS, DOWNTIME_STEPS, STEPS, DowntimeRun, LineClock, PhaseRun, median_run, svg
+from bench.timeline import DOWNTIME_MARKS, DOWNTIME_OPTIONAL, DOWNTIME_STEPS, STEPS, DowntimeRun, LineClock, PhaseRun, median_run, svg
 
 CONSOLE = [
     (1.0, b"SeaBIOS\r\nBooting from Hard Disk...\r\n"),
@@ -118,5 +118,17 @@ def test_downtime_marks_steps_and_report() -> None:
         "downtime under TCG, uefi: the running system's reboot to `system … ready` of the new release": True,
     }
     text = render(results)
-    assert "**BIOS**, 1 runs:" in text and "| shutdown: the running system stops" in text
+    assert "**BIOS**, 1 runs, into the recovery through the firmware and GRUB:" in text and "| shutdown: the running system stops" in text
     assert "| **reboot to `ready`** | | **85.0** |" in text
+
+
+def test_downtime_by_kexec_skips_the_firmware_and_grub_steps() -> None:
+    """The running system kexecs into the recovery: no reset, no GRUB on the way in, still a whole run."""
+    console = [c for c in DOWNTIME if c[0] not in (9.0, 10.5, 12.0)]  # the reset, GRUB's menu, its choice
+    marks = clock_for(console).marks(DOWNTIME_MARKS, optional=DOWNTIME_OPTIONAL)
+    run = DowntimeRun("bios", marks)
+    assert run.kexec and "reset" not in marks and marks["reset_recovery"] == 62.5
+    assert run.step("firmware") is None and run.step("menu") is None and run.step("load") is None
+    assert run.step("shutdown") == 16.0 - 5.0  # the reboot line to the recovery kernel's start
+    text = render(Results(host=HOST, downtime=[run]))
+    assert "into the recovery by kexec" in text and "| firmware: " in text and "| – | – | – |" in text

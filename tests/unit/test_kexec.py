@@ -1,0 +1,179 @@
+"""Straight into the recovery by kexec (recovery/updated/kexec.py): the slot GRUB would boot, its files
+checked against recovery.json, the command line GRUB's entry writes, the try counted in the instruction
+as GRUB's save_env would; anything else an ordinary reboot with the instruction untouched. `kexec` and
+`systemctl` are stand-in scripts on PATH here (the real ones would replace this host's kernel); the
+real path is booted in tests/vm/test_kexec.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from recovery.core.bootmenu import decide
+from recovery.core.envblock import format_envblock, parse_envblock
+from recovery.core.instruction import Instruction
+from recovery.core.slots import RecoveryImage
+from recovery.updated import kexec
+from recovery.updated.kexec import NoKexec, load_recovery, reboot_into_recovery
+from recovery.updated.recoveryslots import Partition
+from recovery.updated.sysconfig import SystemConfig
+
+STAGED = Instruction.create("PARTLABEL=storage", "/bundles/demo-2.0.0.bundle", "cd" * 32, "2.0.0",
+                            "2025-01-01T00:00:00Z")
+LINE = "recovery.try=1 recovery.slot={slot} panic=10 console=tty0 console=ttyS0,115200"
+
+
+def _tool(bin_dir: Path, name: str, log: Path, fail_on: str = "") -> None:
+    """A stand-in that appends its arguments to `log` and fails when they contain `fail_on`."""
+    script = bin_dir / name
+    test = f'case " $* " in *" {fail_on} "*) echo "{name}: refused" >&2; exit 1;; esac\n' if fail_on else ""
+    script.write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\n{test}exit 0\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+
+
+@pytest.fixture
+def tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+    def make(kexec_fails_on: str = "", systemctl_fails_on: str = "") -> Path:
+        _tool(bin_dir, "kexec", log, kexec_fails_on)
+        _tool(bin_dir, "systemctl", log, systemctl_fails_on)
+        return log
+
+    return make
+
+
+def calls(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """The recovery partition's files: 1.0.0 in slot a, 2.0.0 in slot b."""
+    tree = tmp_path / "partition"
+    for slot, version in (("a", "1.0.0"), ("b", "2.0.0")):
+        d = tree / slot
+        d.mkdir(parents=True)
+        (d / "vmlinuz").write_bytes(version.encode() * 1000)
+        (d / "initrd.img").write_bytes(version.encode() * 5000)
+        (d / "recovery.json").write_bytes(RecoveryImage.of(d, version).to_json())
+    return tree
+
+
+@pytest.fixture
+def partition(tmp_path: Path, tree: Path) -> Partition:
+    """The recovery partition, 'mounted' by copying its tree (no loop device needed)."""
+
+    def mount(device: Path, target: Path, read_only: bool) -> None:
+        assert read_only
+        shutil.copytree(tree, target, dirs_exist_ok=True)
+
+    def umount(target: Path) -> None:
+        for child in target.iterdir():
+            shutil.rmtree(child)
+
+    return Partition(find=lambda spec: Path("/dev/fake-recovery"), mount=mount, umount=umount, base=tmp_path / "run")
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> SystemConfig:
+    cfg = tmp_path / "cfg"
+    (cfg / "recovery").mkdir(parents=True)
+    (cfg / "update-instruction").write_bytes(STAGED.to_block())
+    (cfg / "recovery/grubenv").write_bytes(format_envblock({}))
+    return SystemConfig(product="demo", keys=tmp_path / "keys", cfg=cfg, storage=tmp_path / "storage",
+                        storage_disk="PARTLABEL=storage")
+
+
+def test_the_first_try_is_loaded_from_the_active_slot_and_counted_as_grub_would(
+        config: SystemConfig, partition: Partition, tools) -> None:
+    log = tools()
+    before = {n: (config.cfg / n).read_bytes() for n in ("update-instruction", "recovery/grubenv")}
+    grub = decide({n: b for n, b in before.items()})  # what GRUB itself would do with this cfg
+    assert load_recovery(config, partition=partition) == "a"
+    [call] = calls(log)
+    assert call.startswith("kexec -s -l ") and call.endswith(f"--command-line={LINE.format(slot='a')}")
+    assert "/a/vmlinuz --initrd=" in call and call.split("--initrd=")[1].split()[0].endswith("/a/initrd.img")
+    assert " ".join(grub.args) == LINE.format(slot="a")
+    after = (config.cfg / "update-instruction").read_bytes()
+    assert after == grub.save.block  # byte for byte what GRUB's save_env writes
+    assert parse_envblock(after) == {**parse_envblock(before["update-instruction"]), "recovery_try": "1"}
+    assert not list((partition.base).iterdir())  # unmounted, its directory gone
+
+
+def test_the_active_slot_is_read_as_grub_reads_it(config: SystemConfig, partition: Partition, tools) -> None:
+    log = tools()
+    (config.cfg / "recovery/slot").write_bytes(format_envblock({"recovery_slot": "b"}))
+    assert load_recovery(config, partition=partition) == "b"
+    assert calls(log)[0].endswith(LINE.format(slot="b"))
+
+
+def test_a_kernel_that_refuses_kexec_file_load_gets_kexec_load(
+        config: SystemConfig, partition: Partition, tools) -> None:
+    log = tools(kexec_fails_on="-s")
+    assert load_recovery(config, partition=partition) == "a"
+    assert [c.split()[1] for c in calls(log)] == ["-s", "-c"]
+
+
+@pytest.mark.parametrize("case", ["no kexec", "kexec refuses", "counted", "no instruction", "on trial",
+                                  "damaged slot", "no record", "no slots", "no partition"])
+def test_anything_but_the_plain_case_goes_through_grub_and_counts_nothing(
+        config: SystemConfig, partition: Partition, tree: Path, tools, case: str, tmp_path: Path) -> None:
+    log = tools(kexec_fails_on="-l" if case == "kexec refuses" else "")
+    instruction = config.cfg / "update-instruction"
+    if case == "no kexec":
+        os.unlink(tmp_path / "bin/kexec")
+        os.environ["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}/nonexistent"
+    elif case == "counted":
+        instruction.write_bytes(format_envblock({**STAGED.to_env(), "recovery_try": "1"}))
+    elif case == "no instruction":
+        instruction.unlink()
+    elif case == "on trial":
+        instruction.unlink()
+        (config.cfg / "recovery/trial").write_bytes(format_envblock({"trial_max": "3"}))
+    elif case == "damaged slot":
+        (tree / "a/initrd.img").write_bytes(b"truncated")
+    elif case == "no record":
+        (tree / "a/recovery.json").unlink()
+    elif case == "no slots":
+        shutil.rmtree(tree / "a")
+        shutil.rmtree(tree / "b")
+    elif case == "no partition":
+        partition = Partition(find=lambda spec: None)
+    before = instruction.read_bytes() if instruction.exists() else None
+    with pytest.raises(NoKexec) as e:
+        load_recovery(config, partition=partition)
+    assert "\n" not in str(e.value)
+    assert (instruction.read_bytes() if instruction.exists() else None) == before
+    assert [c for c in calls(log) if " -l " in c and "refuses" not in case] == []
+    expected = {"no kexec": "kexec-tools is not installed", "kexec refuses": "kexec cannot load recovery slot a",
+                "counted": "not the first try of a staged update", "no instruction": "not the first try",
+                "on trial": "not the first try", "damaged slot": "recovery slot a does not match its recovery.json",
+                "no record": "recovery slot a has no readable recovery.json",
+                "no slots": "has no slots", "no partition": "no recovery partition"}[case]
+    assert expected in str(e.value)
+
+
+def test_the_reboot_kexecs_when_loaded_and_reboots_through_grub_otherwise(
+        config: SystemConfig, partition: Partition, tools, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tools()
+    monkeypatch.setattr(kexec.load_recovery, "__kwdefaults__", {"partition": partition, "kexec": "kexec"})
+    reboot_into_recovery(config)
+    assert calls(log)[-1] == "systemctl kexec"
+    log.unlink()
+    reboot_into_recovery(config)  # the try is counted now: GRUB decides, through an ordinary reboot
+    assert calls(log) == ["systemctl reboot"]
+
+
+def test_a_failed_kexec_still_reboots(config: SystemConfig, partition: Partition, tools,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tools(systemctl_fails_on="kexec")
+    monkeypatch.setattr(kexec.load_recovery, "__kwdefaults__", {"partition": partition, "kexec": "kexec"})
+    reboot_into_recovery(config)
+    assert [c for c in calls(log) if c.startswith("systemctl")] == ["systemctl kexec", "systemctl reboot"]
