@@ -177,3 +177,13 @@ def test_a_failed_kexec_still_reboots(config: SystemConfig, partition: Partition
     monkeypatch.setattr(kexec.load_recovery, "__kwdefaults__", {"partition": partition, "kexec": "kexec"})
     reboot_into_recovery(config)
     assert [c for c in calls(log) if c.startswith("systemctl")] == ["systemctl kexec", "systemctl reboot"]
+
+
+def test_the_setting_is_a_boolean_on_by_default(tmp_path: Path) -> None:
+    from recovery.core.errors import Rejected
+
+    base = {"product": "demo"}
+    assert SystemConfig.from_dict(base).kexec is True
+    assert SystemConfig.from_dict({**base, "kexec": False}).kexec is False
+    with pytest.raises(Rejected, match="kexec must be true or false"):
+        SystemConfig.from_dict({**base, "kexec": "yes"})
