@@ -52,22 +52,18 @@ DESCRIPTIONS = {
 
 
 # Downtime (issue 16): from the running system's reboot to the new release ready, every part a row.
+_PHASE = dict(MARKS)
 DOWNTIME_MARKS: tuple[tuple[str, str], ...] = (
     ("reboot", r"rebooting into the recovery to install it"),
     ("reset", r"reboot: Restarting system"),
     ("grub", r"GNU GRUB  version"),
-    ("grub_recovery", r"Loading the recovery OS"),
-    ("kernel", r"Linux version \d"),
-    ("starting", r"recovery: starting"),
-    ("verifying", r"recovery: verifying\s*$"),
-    ("erasing", r"recovery: erasing\s*$"),
-    ("extracting", r"recovery: extracting\s*$"),
-    ("finishing", r"recovery: finishing\s*$"),
+    *((name, _PHASE[name]) for name in ("grub_recovery", "kernel", "starting", "verifying", "erasing", "extracting",
+                                        "finishing")),
     ("verdict", r"recovery: installed \S+"),
-    ("rebooting", r"recovery: rebooting\s*$"),
+    ("rebooting", _PHASE["rebooting"]),
     ("reset_recovery", r"reboot: Restarting system"),
-    ("grub_system", r"Loading the system"),
-    ("ready", r"system \S+ \S+ ready"),
+    ("grub_system", _PHASE["grub_system"]),
+    ("ready", _PHASE["ready"]),
 )
 # Not there when the running system kexecs into the recovery (recovery/updated/kexec.py): no reset, no
 # firmware, no GRUB on the way in; the shutdown then runs to the recovery kernel's start.
