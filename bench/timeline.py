@@ -66,8 +66,9 @@ DOWNTIME_MARKS: tuple[tuple[str, str], ...] = (
     ("ready", _PHASE["ready"]),
 )
 # Not there when the running system kexecs into the recovery (recovery/updated/kexec.py): no reset, no
-# firmware, no GRUB on the way in; the shutdown then runs to the recovery kernel's start.
-DOWNTIME_OPTIONAL = frozenset({"reset", "grub", "grub_recovery"})
+# firmware, no GRUB on the way in; the shutdown then runs to the recovery kernel's start. On the way
+# out the recovery's own kexec (recovery/os/kexec.py) prints `Loading the system` where GRUB would.
+DOWNTIME_OPTIONAL = frozenset({"reset", "grub", "grub_recovery", "reset_recovery"})
 DOWNTIME_STEPS: tuple[tuple[str, str, str, str], ...] = (
     ("shutdown", "reboot", "reset", "the running system stops: units stopped, file systems unmounted"),
     ("firmware", "reset", "grub", "reset to GRUB's menu: the firmware, GRUB's core and its scripts"),

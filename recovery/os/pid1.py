@@ -18,6 +18,7 @@ from pathlib import Path
 from recovery.core.atomic import checkpoint_journal
 from recovery.core.errors import Failed, UpdateError
 from recovery.core.instruction import clear_try, write_instruction
+from recovery.core.kexec import NoKexec
 from recovery.core.osrelease import read_os_release
 from recovery.core.result import Outcome, Result, append_log, log_tail, now, read_result, write_result
 from recovery.core.trial import remember_failed
@@ -37,6 +38,7 @@ from recovery.os.installer import (
     recovery_identity,
     reset_fallback_counter,
 )
+from recovery.os.kexec import jump, load_system
 from recovery.os.rollback import NoRollback, NotOnTrial, plan_rollback, tree_problem
 
 log = logging.getLogger("recovery")
@@ -100,7 +102,14 @@ def reap_orphans() -> None:
 
 
 def reboot() -> None:
-    """Restart the machine; returns only if the kernel refused (PID 1 then goes on to the rescue path)."""
+    """Restart the machine (into the release kexec loaded, if one is); returns only if the kernel refused
+    (PID 1 then goes on to the rescue path)."""
+    global _kexec_loaded
+    if _kexec_loaded:
+        _kexec_loaded = False
+        # Where GRUB would say the same: everything is unmounted, the trial boot is counted.
+        print(f"{LOADING_THE_SYSTEM} (by kexec from the recovery: no firmware, no GRUB)", flush=True)
+        jump()
     try:
         reboot_now()
     except Failed as e:
@@ -168,10 +177,32 @@ def install(config: RecoveryConfig, boot: Boot, console: Console) -> None:
         append_log(cfg, console.buffer.getvalue())
         rescue(config, console)
         return
-    _finish(installer.cfg, console)
+    done = result.outcome in (Outcome.installed, Outcome.rolled_back)
+    _finish(installer.cfg, console, into=(config, result.to_version) if done else None)
 
 
-def _finish(cfg: Path, console: Console) -> None:
+_kexec_loaded = False  # the installed release is loaded: reboot() jumps into it instead
+LOADING_THE_SYSTEM = "Loading the system"  # GRUB's line (bootloader/grub.cfg) at the same moment
+
+
+def _finish(cfg: Path, console: Console, into: tuple[RecoveryConfig, str | None] | None = None) -> None:
+    """Reboot: after an install (`into`: the configuration and the version installed) by kexec into
+    that release when GRUB would boot it next (recovery/os/kexec.py), else through the firmware."""
+    global _kexec_loaded
+    if into is not None:
+        config, version = into
+
+        def mount_system() -> Path:
+            node = find_device(config.system, timeout=config.device_timeout)
+            return mount(node, SYSTEM_MOUNT, options="ro,nosuid,nodev,noexec")
+
+        try:
+            load_system(cfg, mount_system, lambda: umount(SYSTEM_MOUNT))
+        except (NoKexec, UpdateError) as e:
+            console.say(f"recovery: no kexec: {e}")
+        else:
+            _kexec_loaded = True
+            console.say(f"recovery: {version or 'the installed release'} is loaded for kexec (trial boot 1 counted)")
     console.say("recovery: rebooting")
     append_log(cfg, console.buffer.getvalue())
     try:

@@ -13,47 +13,23 @@ try would have left, so a power cut from then on ends in GRUB's counted tries.
 from __future__ import annotations
 
 import logging
-import shutil
-from pathlib import Path
 
-from recovery.core.atomic import atomic_write, checkpoint_journal
-from recovery.core.bootmenu import FILES, INSTRUCTION, Decision, Entry, decide
+from recovery.core.bootmenu import INSTRUCTION, Entry
 from recovery.core.errors import Failed
+from recovery.core.kexec import KEXEC, NoKexec, available, count_as_grub, grub_decision, load
 from recovery.core.run import run
 from recovery.updated.recoveryslots import Partition, SlotError, _mismatch, _mounted, _record, _slotted
 from recovery.updated.sysconfig import SystemConfig
 
 log = logging.getLogger(__name__)
 
-KEXEC = "kexec"
-
-
-class NoKexec(Exception):
-    """Why this reboot goes through the firmware and GRUB instead, in one line."""
-
-
-def grub_decision(cfg: Path) -> Decision:
-    """What GRUB's menu would boot, with the files it reads on cfg as they are now."""
-    files: dict[str, bytes | None] = {}
-    for name in FILES:
-        path = cfg / name
-        try:
-            files[name] = path.read_bytes() if path.is_file() else None
-        except OSError:
-            files[name] = b""  # there, but not readable: GRUB fails on it the same way
-    return decide(files)
-
-
-def command_line(decision: Decision) -> str:
-    """The kernel command line GRUB's recovery entry writes (its words are literals; so are these)."""
-    return " ".join(decision.args)
+__all__ = ["NoKexec", "load_recovery", "reboot_into_recovery"]
 
 
 def load_recovery(config: SystemConfig, *, partition: Partition = Partition(), kexec: str = KEXEC) -> str:
     """Load the recovery GRUB would boot now for `systemctl kexec` and count its try as GRUB would; the
     slot loaded. Raises NoKexec, with nothing loaded and the instruction unchanged, when it cannot."""
-    if shutil.which(kexec) is None:
-        raise NoKexec("kexec-tools is not installed")
+    available(kexec)
     decision = grub_decision(config.cfg)
     save = decision.save
     if decision.entry is not Entry.recovery or decision.count != 1 or save is None or save.file != INSTRUCTION:
@@ -73,30 +49,12 @@ def load_recovery(config: SystemConfig, *, partition: Partition = Partition(), k
                 raise NoKexec(f"recovery slot {slot} has no readable recovery.json")
             if (wrong := _mismatch(root / slot, record, from_disk=False)) is not None:
                 raise NoKexec(f"recovery slot {slot} does not match its recovery.json: {wrong}")
-            _load(kexec, root / slot, command_line(decision))
+            load(root / slot / "vmlinuz", root / slot / "initrd.img", " ".join(decision.args), kexec=kexec,
+                 what=f"recovery slot {slot}")
     except SlotError as e:
         raise NoKexec(str(e)) from None
-    try:
-        # GRUB's save_env of recovery_try, done here: the next boot through GRUB counts try 2.
-        atomic_write(config.cfg / save.file, save.block)
-        checkpoint_journal(config.cfg)
-    except OSError as e:
-        run([kexec, "-u"], check=False)
-        raise NoKexec(f"cannot count the try in the instruction: {e}") from None
+    count_as_grub(config.cfg, decision, unload=lambda: run([kexec, "-u"], check=False))  # GRUB's save_env: the next boot through GRUB is try 2
     return slot
-
-
-def _load(kexec: str, slot: Path, cmdline: str) -> None:
-    """kexec_file_load first (the only one a locked-down kernel allows), then kexec_load."""
-    why = ""
-    for mode in ("-s", "-c"):
-        argv = [kexec, mode, "-l", slot / "vmlinuz", f"--initrd={slot / 'initrd.img'}", f"--command-line={cmdline}"]
-        proc = run(argv, check=False)
-        if proc.returncode == 0:
-            return
-        lines = proc.stderr.decode(errors="replace").strip().splitlines()
-        why = lines[-1] if lines else f"exit status {proc.returncode}"
-    raise NoKexec(f"kexec cannot load recovery slot {slot.name}: {why}")
 
 
 def reboot_into_recovery(config: SystemConfig) -> None:

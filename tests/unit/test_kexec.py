@@ -187,3 +187,101 @@ def test_the_setting_is_a_boolean_on_by_default(tmp_path: Path) -> None:
     assert SystemConfig.from_dict({**base, "kexec": False}).kexec is False
     with pytest.raises(Rejected, match="kexec must be true or false"):
         SystemConfig.from_dict({**base, "kexec": "yes"})
+
+
+# --- the recovery, into the release it installed (recovery/os/kexec.py) -----------------------------
+
+
+@pytest.fixture
+def installed(tmp_path: Path) -> tuple[Path, Path]:
+    """cfg as the recovery leaves it after an install (the trial started, the instruction gone) and the
+    installed tree, its kernel and initrd behind Debian-style links."""
+    from recovery.core.trial import start_trial
+
+    cfg, root = tmp_path / "cfg", tmp_path / "system"
+    (cfg / "recovery").mkdir(parents=True)
+    (cfg / "recovery/grubenv").write_bytes(format_envblock({}))
+    start_trial(cfg, 3)
+    (root / "boot").mkdir(parents=True)
+    (root / "boot/vmlinuz-6.1.0-57-amd64").write_bytes(b"kernel")
+    (root / "boot/initrd.img-6.1.0-57-amd64").write_bytes(b"initrd")
+    (root / "boot/vmlinuz").symlink_to("vmlinuz-6.1.0-57-amd64")
+    (root / "boot/initrd.img").symlink_to("/boot/initrd.img-6.1.0-57-amd64")  # absolute: inside the tree
+    return cfg, root
+
+
+def _mounts(root: Path) -> tuple[list[str], object, object]:
+    seen: list[str] = []
+    return seen, lambda: (seen.append("mount"), root)[1], lambda: seen.append("umount")
+
+
+class Loader:
+    """kexec_file_load as the recovery calls it (recovery.core.kexec.load_file), recorded; `refuse` says
+    why the kernel refuses, as it would for an image it cannot boot. The real call would load a kernel
+    into this host: tests/vm/test_kexec.py makes it."""
+
+    def __init__(self, refuse: str = "") -> None:
+        self.calls: list[tuple[Path, Path, str]] = []
+        self.refuse = refuse
+
+    def __call__(self, kernel: Path, initrd: Path, cmdline: str, *, what: str) -> None:
+        if self.refuse:
+            raise NoKexec(f"the kernel does not load {what}: {self.refuse}")
+        self.calls.append((kernel, initrd, cmdline))
+
+
+def test_the_recovery_loads_the_installed_release_with_grubs_trial_command_line(installed) -> None:
+    from recovery.os.kexec import load_system
+
+    cfg, root = installed
+    loader = Loader()
+    grub = decide({n: (cfg / n).read_bytes() if (cfg / n).exists() else None
+                   for n in ("update-instruction", "recovery/grubenv", "recovery/trial", "recovery/slot")})
+    seen, mount, umount = _mounts(root)
+    assert load_system(cfg, mount, umount, loader=loader) == 1
+    assert seen == ["mount", "umount"]
+    assert loader.calls == [(root / "boot/vmlinuz-6.1.0-57-amd64", root / "boot/initrd.img-6.1.0-57-amd64",
+                             "root=PARTLABEL=system rw quiet panic=10 systemd.watchdog_sec=30 "
+                             "console=tty0 console=ttyS0,115200")]
+    assert (cfg / "recovery/trial").read_bytes() == grub.save.block
+    assert parse_envblock((cfg / "recovery/trial").read_bytes()) == {"trial_max": "3", "trial_boot": "1"}
+
+
+@pytest.mark.parametrize("case", ["instruction left", "trial counted", "no trial", "no kernel", "kexec refuses"])
+def test_the_recovery_reboots_through_grub_otherwise(installed, case: str) -> None:
+    from recovery.os.kexec import load_system
+
+    cfg, root = installed
+    loader = Loader(refuse="Exec format error" if case == "kexec refuses" else "")
+    trial = cfg / "recovery/trial"
+    if case == "instruction left":  # a failed try: GRUB boots the recovery again
+        (cfg / "update-instruction").write_bytes(STAGED.to_block())
+    elif case == "trial counted":
+        trial.write_bytes(format_envblock({"trial_max": "3", "trial_boot": "1"}))
+    elif case == "no trial":
+        trial.write_bytes(format_envblock({}))
+    elif case == "no kernel":
+        (root / "boot/vmlinuz-6.1.0-57-amd64").unlink()
+    before = trial.read_bytes()
+    seen, mount, umount = _mounts(root)
+    with pytest.raises(NoKexec) as e:
+        load_system(cfg, mount, umount, loader=loader)
+    assert trial.read_bytes() == before and seen.count("mount") == seen.count("umount")
+    assert {"instruction left": "not the first trial boot", "trial counted": "not the first trial boot",
+            "no trial": "not the first trial boot", "no kernel": "has no boot/vmlinuz",
+            "kexec refuses": "the kernel does not load the installed release's /boot/vmlinuz: Exec format error",
+            }[case] in str(e.value)
+    assert loader.calls == []
+
+
+def test_the_kernel_refuses_to_load_what_is_no_kernel(tmp_path: Path) -> None:
+    """The real kexec_file_load(2), on files that are no kernel image: refused, with the kernel's reason
+    (no permission, an unsupported image), and nothing loaded."""
+    from recovery.core.kexec import load_file
+
+    (tmp_path / "k").write_bytes(b"no kernel" * 100)
+    (tmp_path / "i").write_bytes(b"no initrd")
+    with pytest.raises(NoKexec, match=r"^the kernel does not load a test file: \S"):
+        load_file(tmp_path / "k", tmp_path / "i", "quiet", what="a test file")
+    loaded = Path("/sys/kernel/kexec_loaded")
+    assert not loaded.exists() or loaded.read_text().strip() == "0"

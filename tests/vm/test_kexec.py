@@ -1,7 +1,8 @@
-"""Straight into the recovery by kexec, under QEMU (recovery/updated/kexec.py): `reflashctl install`
-stages 2.0.0 and the running system kexecs into recovery slot a's kernel, past the firmware and GRUB,
-with the try counted in the instruction as GRUB would; and a power cut in that recovery ends in GRUB's
-next counted try, which installs."""
+"""Past the firmware and GRUB by kexec, under QEMU (recovery/updated/kexec.py, recovery/os/kexec.py):
+`reflashctl install` stages 2.0.0 and the running system kexecs into recovery slot a's kernel with the
+try counted in the instruction as GRUB would; the recovery installs and kexecs into 2.0.0 with its
+first trial boot counted as GRUB would; and a power cut in the kexec'd recovery ends in GRUB's next
+counted try, which installs."""
 
 from __future__ import annotations
 
@@ -37,18 +38,22 @@ def _stage_and_kexec(machine: Callable[..., Machine], built: Any, disk: DiskImag
     return m, start
 
 
-def test_reflashctl_install_kexecs_into_the_recovery_past_the_firmware_and_grub(
+def test_an_update_kexecs_into_the_recovery_and_into_the_new_release(
     machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, scenario: Scenario,
 ) -> None:
     scenario.name = "kexec into the recovery: reflashctl install, the firmware and GRUB skipped"
     scenario.checked = ("no GRUB menu between the reboot line and the recovery's start (try 1, slot a); 2.0.0 installed, "
-                        "then booted through GRUB on trial and confirmed")
+                        "then kexec'd into with trial boot 1 counted, no GRUB menu before it; confirmed")
     m, start = _stage_and_kexec(machine, built_image, vm_disk)
     between = m.console.text[start:m.console.cursor]
     assert "GNU GRUB" not in between and "Loading the recovery OS" not in between, between[-2000:]
     m.expect(r"recovery: version 1\.0\.0 \(slot a\)", RECOVERY)
     m.expect(r"recovery: installed 2\.0\.0\r?\n", RECOVERY)
-    m.expect(r"Loading the system", BOOT)  # the way out is GRUB's: it counts the trial boot
+    m.expect(r"recovery: 2\.0\.0 is loaded for kexec \(trial boot 1 counted\)", RECOVERY)
+    m.expect(r"Loading the system \(by kexec from the recovery", RECOVERY)
+    start = m.console.cursor
+    m.expect(r"trial: 2\.0\.0 is on trial \(boot 1 of 3\)", BOOT)  # counted once: by the recovery, as GRUB would
+    assert "GNU GRUB" not in m.console.text[start:m.console.cursor]
     m.expect(r"trial: confirmed 2\.0\.0 \(boot 1 of 3\)", BOOT)
     m.expect(ready(built_image, "2.0.0"), BOOT)
     m.power_cut()
