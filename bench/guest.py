@@ -212,7 +212,7 @@ class Cycle:
 
 CYCLE_MARKS = (
     ("ready_old", r"system \S+ 1\.0\.0 ready"),
-    ("grub_recovery", r"Loading the recovery OS"),
+    ("starting", r"recovery: starting"),
     ("installed", r"recovery: installed"),
     ("grub_system", r"Loading the system"),
     ("ready_new", r"system \S+ 2\.0\.0 ready"),

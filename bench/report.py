@@ -366,8 +366,10 @@ def cycle_section(r: Results) -> list[str]:
     med = sorted(r.cycle, key=lambda c: c.total)[(len(r.cycle) - 1) // 2]
     m = med.marks
     parts = [("boot 1.0.0 to ready", 0.0, m.get("ready_old")),
-             ("ready to GRUB choosing the recovery (reflashctl install, reboot)", m.get("ready_old"), m.get("grub_recovery")),
-             ("recovery phase to GRUB choosing 2.0.0", m.get("grub_recovery"), m.get("grub_system")),
+             ("ready to the recovery's start (reflashctl install, the reboot or kexec, the recovery's boot)",
+              m.get("ready_old"), m.get("starting")),
+             ("the recovery's start to `Loading the system` (GRUB's, or the recovery's before its kexec)",
+              m.get("starting"), m.get("grub_system")),
              ("boot 2.0.0 to ready", m.get("grub_system"), m.get("ready_new"))]
     lines = [
         "", "### The full update cycle under TCG", "",
