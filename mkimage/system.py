@@ -204,11 +204,15 @@ def _daemon_toml(config: ImageConfig) -> str:
 
 def _ready_script(config: ImageConfig, version: str) -> str:
     # Printed by the serial login shell itself: when the line appears, the shell already reads input.
-    # It waits for the boot to finish, so the trial's confirmation (and its console line) comes first.
+    # It waits for the boot to finish, so the trial's confirmation (and its console line) comes first,
+    # and for the update service's socket (reflashd is Type=simple: the boot does not wait for its
+    # start), so that the update page answers too. At most a minute: a daemon that does not start
+    # must not hide the system.
     return (
         "# Tells the serial console (and the test rig) that the system is up and its shell is ready.\n"
         'if [ "$(tty)" = /dev/ttyS0 ]; then\n'
         "    systemctl is-system-running --wait >/dev/null 2>&1\n"
+        "    for _ in $(seq 300); do [ -S /run/reflash/reflashd.sock ] && break; sleep 0.2; done\n"
         f'    echo "system {config.product} {version} ready"\n'
         "fi\n"
     )
