@@ -64,6 +64,10 @@ POINTS: dict[str, CutPoint] = {
         "instruction just removed (recovery: installed)", r"recovery: installed 2\.0\.0\r?\n", marker=False, result="installed", instruction=False,
         straight=True,
     ),
+    "kexec-loaded": CutPoint(
+        "2.0.0 loaded for kexec, trial boot 1 counted", r"recovery: 2\.0\.0 is loaded for kexec \(trial boot 1 counted\)\r?\n",
+        marker=False, result="installed", instruction=False, straight=True,
+    ),
     "rebooting": CutPoint("recovery: rebooting", r"recovery: rebooting\r?\n", marker=False, result="installed", instruction=False,
                           straight=True),
 }
