@@ -75,3 +75,10 @@ def test_the_whole_cycle_from_the_update_page(built_image: Any, tmp_path: Path) 
     assert "/demo-appliance-2.0.0.bundle" in report.fetched, report.fetched
     assert report.to_version == "2.0.0" and "running: demo-appliance 2.0.0" in report.status
     assert [s.name for s in report.stages][-4:] == ["installed", "reboot-system", "ready", "status"]
+    # Both reboots of the update skipped the firmware and GRUB (recovery/updated/kexec.py, recovery/os/kexec.py):
+    # GRUB ran once, for the first boot of 1.0.0.
+    log = report.console_log.read_text(errors="replace")
+    assert "kexec into the recovery in slot a (the firmware and GRUB are skipped)" in log
+    assert "recovery: 2.0.0 is loaded for kexec (trial boot 1 counted)" in log
+    assert "Loading the system (by kexec from the recovery: no firmware, no GRUB)" in log
+    assert log.count("GNU GRUB") == 1 and "Loading the recovery OS" not in log

@@ -38,6 +38,7 @@ def _stage_and_kexec(machine: Callable[..., Machine], built: Any, disk: DiskImag
     return m, start
 
 
+@pytest.mark.reliability  # make test sees both jumps in the update page's cycle (tests/vm/test_daemon.py)
 def test_an_update_kexecs_into_the_recovery_and_into_the_new_release(
     machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, scenario: Scenario,
 ) -> None:
