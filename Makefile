@@ -73,7 +73,7 @@ RELIABILITY_TESTS := tests/unit/test_instruction_fuzz.py tests/unit/test_bundle_
 	tests/vm/test_fleet.py::test_a_corrupt_artifact_ends_as_a_failure_with_the_reason \
 	tests/vm/test_reflashctl.py::test_status_after_a_failed_try_and_the_install_that_followed \
 	tests/vm/test_recovery_update.py tests/vm/test_key_rotation.py tests/vm/test_boot_menu.py \
-	tests/vm/test_crash_states.py tests/unit/test_bootmenu.py tests/unit/test_crashcheck.py tests/vm/test_kexec.py
+	tests/vm/test_crash_states.py tests/unit/test_bootmenu.py tests/unit/test_crashcheck.py tests/vm/test_kexec.py tests/vm/test_dropin.py
 reliability: setup
 	RELIABILITY=full $(PY) -m pytest -q -p tests.reliability --reliability-table docs/reliability.md \
 		-n $(VM_JOBS) $(RELIABILITY_TESTS)

@@ -20,6 +20,7 @@ from vm.disk import DiskImage
 from vm.machine import Firmware, Machine
 
 
+@pytest.mark.reliability  # make test keeps the foreign tree path in test-foreign and the installs of test_install
 @pytest.mark.timeout(1800)
 def test_an_update_through_the_recovery_on_a_disk_laid_out_by_another_builder(
     machine: Callable[..., Machine], built_image: Any, tmp_path: Path,
