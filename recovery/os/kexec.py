@@ -18,6 +18,7 @@ from recovery.core import kexec
 from recovery.core.bootmenu import TRIAL, Entry
 from recovery.core.boottree import INITRD, KERNEL, resolve
 from recovery.core.kexec import NoKexec, count_as_grub, grub_decision
+from recovery.os.rollback import _lookup  # the tree's own lookup, as the rollback reads it
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,6 @@ def load_system(cfg: Path, mount_system: Callable[[], Path], umount_system: Call
         raise NoKexec("GRUB could not count the trial boot: GRUB decides")
     root = mount_system()
     try:
-        from recovery.os.rollback import _lookup  # noqa: PLC0415 - the tree's own lookup, as the rollback reads it
-
         paths = [resolve(path, _lookup(root)) for path in (KERNEL, INITRD)]
         if any(p is None or not (root / p).is_file() for p in paths):
             raise NoKexec(f"the installed tree has no {KERNEL} and {INITRD} to load")
