@@ -5,12 +5,14 @@ pid1 runs before it mounts cfg), against the rules in DESIGN.md "Crash states". 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import re
 import shutil
 import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from recovery.core.bootmenu import (
@@ -28,6 +30,8 @@ from recovery.core.envblock import ENVBLK_SIZE, parse_envblock
 from recovery.core.errors import Rejected
 from recovery.core.instruction import parse_instruction
 from recovery.core.run import run
+from recovery.core.slots import CONTENT as SLOT_CONTENT
+from recovery.core.slots import MENU, MENU_SUMS, RECORD, SLOTS, RecoveryImage
 
 from . import VMError
 from .replay import CrashState, Replay
@@ -75,11 +79,19 @@ def recovery_view(image: Path, scratch: Path) -> CfgView:
 
 
 def _read_view(image: Path, options: list[str]) -> CfgView:
-    """One debugfs run (no -w: it replays nothing) for the label, and each file's type, size and bytes."""
-    with tempfile.TemporaryDirectory(prefix=".cfg-view-", dir=image.parent) as tmp:
+    opened, files, problem = _read_files(image, options, READ, "cfg")
+    return CfgView(opened, files, problem=problem)
+
+
+def _read_files(
+    image: Path, options: list[str], paths: Sequence[str], label: str,
+) -> tuple[bool, dict[str, bytes | None], str | None]:
+    """One debugfs run (no -w: it replays nothing) for the label, and each path's type, size and bytes:
+    (opened, path -> bytes, None when absent or a directory, b"" when it cannot be read whole; why not)."""
+    with tempfile.TemporaryDirectory(prefix=".fs-view-", dir=image.parent) as tmp:
         out = Path(tmp)
         requests = ["stats -h"]
-        for i, path in enumerate(READ):
+        for i, path in enumerate(paths):
             requests += [f'stat "/{path}"', f'dump "/{path}" "{out / str(i)}"']
         script = out / "requests"
         script.write_text("\n".join(requests) + "\n")
@@ -88,15 +100,15 @@ def _read_view(image: Path, options: list[str]) -> CfgView:
         stdout = proc.stdout.decode(errors="replace")
         stderr = proc.stderr.decode(errors="replace")
         sections = _sections(stdout)
-        label = re.search(r"^Filesystem volume name:\s*(.*)$", sections.get("stats -h", ""), re.MULTILINE)
-        if proc.returncode != 0 or label is None:
+        found = re.search(r"^Filesystem volume name:\s*(.*)$", sections.get("stats -h", ""), re.MULTILINE)
+        if proc.returncode != 0 or found is None:
             why = next((line for line in stderr.splitlines() if "while" in line or "not open" in line),
                        f"debugfs exit status {proc.returncode}")
-            return CfgView(False, dict.fromkeys(READ), problem=why.strip())
-        if label.group(1).strip() != "cfg":
-            return CfgView(False, dict.fromkeys(READ), problem=f"its label is {label.group(1).strip()!r}, not cfg")
+            return False, dict.fromkeys(paths), why.strip()
+        if found.group(1).strip() != label:
+            return False, dict.fromkeys(paths), f"its label is {found.group(1).strip()!r}, not {label}"
         files: dict[str, bytes | None] = {}
-        for i, path in enumerate(READ):
+        for i, path in enumerate(paths):
             stat = sections.get(f'stat "/{path}"', "")
             kind = re.search(r"Type: (\S+)", stat)
             if kind is None or kind.group(1) == "directory":
@@ -107,7 +119,51 @@ def _read_view(image: Path, options: list[str]) -> CfgView:
             data = dumped.read_bytes() if dumped.exists() else b""
             # A file GRUB cannot read whole (its blocks gone or past the end) reads as one it cannot read.
             files[path] = data if size is not None and len(data) == int(size.group(1)) else b""
-        return CfgView(True, files)
+        return True, files, None
+
+
+@dataclass(frozen=True)
+class SlotsView:
+    """The recovery partition as GRUB reads it (no journal replay): for each slot, None when it is whole
+    (its recovery.json parses, and each file it names, and menu.sha256, holds what it says), else why not.
+    `opened` False: GRUB cannot read the partition (`problem` says why)."""
+
+    opened: bool
+    broken: Mapping[str, str | None]
+    problem: str | None = None
+
+    @property
+    def whole(self) -> tuple[str, ...]:
+        return tuple(slot for slot in SLOTS if self.broken.get(slot) is None) if self.opened else ()
+
+
+def slots_view(image: Path) -> SlotsView:
+    """The recovery partition in the file `image`, read as GRUB reads it (debugfs -c -n)."""
+    paths = [f"{slot}/{name}" for slot in SLOTS for name in SLOT_CONTENT]
+    opened, files, problem = _read_files(image, ["-c", "-n"], paths, "recovery")
+    if not opened:
+        return SlotsView(False, dict.fromkeys(SLOTS, problem), problem)
+    return SlotsView(True, {slot: _slot_problem(slot, files) for slot in SLOTS})
+
+
+def _slot_problem(slot: str, files: Mapping[str, bytes | None]) -> str | None:
+    raw = files.get(f"{slot}/{RECORD}")
+    if not raw:
+        return f"no readable {slot}/{RECORD}"
+    try:
+        record = RecoveryImage.from_json(raw, what=f"{slot}/{RECORD}")
+    except Rejected as e:
+        return str(e)
+    for name, want in record.files().items():
+        data = files.get(f"{slot}/{name}")
+        if data is None:
+            return f"no {slot}/{name}"
+        if len(data) != want.size or hashlib.sha256(data).hexdigest() != want.sha256:
+            return f"{slot}/{name} ({len(data)} bytes) is not what {RECORD} says"
+    sums = record.menu_sums()
+    if sums is not None and files.get(f"{slot}/{MENU_SUMS}") != sums:
+        return f"{slot}/{MENU_SUMS} does not match {slot}/{MENU}"
+    return None
 
 
 def _sections(stdout: str) -> dict[str, str]:
@@ -145,6 +201,7 @@ class CfgCheck:
     recovery: CfgView
     decision: Decision
     findings: tuple[Finding, ...]
+    slots: SlotsView | None = None
 
     @property
     def ok(self) -> bool:
@@ -163,9 +220,10 @@ def check_cfg(
 
 def judge(
     state: str, phase: str | None, grub: CfgView, replayed: CfgView,
-    incomplete_phases: Collection[str] = INCOMPLETE_PHASES,
+    incomplete_phases: Collection[str] = INCOMPLETE_PHASES, slots: SlotsView | None = None,
 ) -> CfgCheck:
-    """The rules, on two views already read."""
+    """The rules, on two views of cfg already read (and, given `slots`, the recovery partition as GRUB
+    reads it)."""
     decision = decide(grub.files, cfg_found=grub.opened)
     found: list[Finding] = []
 
@@ -214,7 +272,18 @@ def judge(
             fail("unwatched", f"GRUB boots the system unwatched ({decision.why}) while {TRIAL} is on trial")
     if decision.entry is Entry.rescue:
         fail("rescue", f"GRUB boots the rescue shell ({decision.why}): a person has to look")
-    return CfgCheck(state, phase, grub, replayed, decision, tuple(found))
+    if slots is not None:
+        # The recovery's slots change only in `settle` (recovery/updated/recoveryslots.py): the inactive
+        # one is written and read back, then cfg's block names it. So in every state one slot is whole,
+        # and the slot GRUB loads first (as it reads recovery/slot on cfg) is a whole one.
+        if not slots.opened:
+            fail("slots", f"GRUB cannot read the recovery partition ({slots.problem})")
+        elif not slots.whole:
+            fail("slots", "no recovery slot is whole: " + "; ".join(f"{s}: {slots.broken[s]}" for s in SLOTS))
+        elif decision.slot is not None and decision.slot not in slots.whole:
+            fail("slot", f"GRUB loads the recovery from slot {decision.slot} ({decision.entry}), which is not "
+                         f"whole: {slots.broken[decision.slot]}")
+    return CfgCheck(state, phase, grub, replayed, decision, tuple(found), slots)
 
 
 def _env(data: bytes, strict: bool) -> dict[str, str] | None:
@@ -295,11 +364,13 @@ class Checker:
 
     def __init__(
         self, workdir: Path, *, partition: str | int = "cfg", phases: Sequence[tuple[int, str]] = (),
-        incomplete_phases: Collection[str] = INCOMPLETE_PHASES,
+        incomplete_phases: Collection[str] = INCOMPLETE_PHASES, slots: str | int | None = "recovery",
     ) -> None:
         self.workdir, self.partition, self.phases = workdir, partition, list(phases)
         self.incomplete_phases = incomplete_phases
+        self.slots = slots  # the recovery partition (None: the disk has none to check)
         self._views: dict[tuple[object, ...], tuple[CfgView, CfgView]] = {}
+        self._slots: dict[tuple[object, ...], SlotsView] = {}
         self.exported = 0
 
     def check(self, state: CrashState, phase: str | None = None) -> CfgCheck:
@@ -319,36 +390,103 @@ class Checker:
             finally:
                 os.unlink(image)
         grub, replayed = self._views[key]
-        return judge(state.name, phase, grub, replayed, self.incomplete_phases)
+        return judge(state.name, phase, grub, replayed, self.incomplete_phases, self._slots_of(state))
+
+    def _slots_of(self, state: CrashState) -> SlotsView | None:
+        if self.slots is None:
+            return None
+        part = state.replay.partition(self.slots)
+        key = state.range_key(part.start, part.size)
+        if key not in self._slots:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            image = state.export_partition(self.slots, self.workdir / "recovery.img")
+            try:
+                self._slots[key] = slots_view(image)
+            finally:
+                os.unlink(image)
+        return self._slots[key]
 
 
 @dataclass(frozen=True)
 class Summary:
-    """A whole replay checked: the log's flush points, every state's check, and the whole disk images
-    made of the states chosen to be booted (by state name)."""
+    """A whole replay checked: the log's flush points, every state's check, the whole disk images made
+    of the states chosen to be booted (by state name), and the names of the states whose system
+    partition was checked too."""
 
     flush_points: int
     checks: tuple[CfgCheck, ...]
     images: Mapping[str, Path]
+    system_checked: tuple[str, ...] = ()
 
     @property
     def findings(self) -> list[Finding]:
         return [f for check in self.checks for f in check.findings]
 
+    @property
+    def held(self) -> int:
+        """How many states broke no rule."""
+        return sum(1 for check in self.checks if check.ok)
+
+
+# A check of one state's system partition: what is wrong with it (empty when it is a whole release).
+SystemCheck = Callable[[CrashState, CfgCheck], Sequence[str]]
+
 
 def check_replay(
     replay: Replay, checker: Checker, *, unordered: int = 0, seed: int = 0,
     boot: Callable[[CrashState], bool] = lambda state: False, images: Path | None = None,
+    system: SystemCheck | None = None, system_states: int = 0, system_partition: str | int = "system",
 ) -> Summary:
     """Check every state of `replay` (its flush points and `unordered` seeded subsets); each state for
-    which `boot` says so is also made a whole disk image in `images`, to be booted afterwards."""
+    which `boot` says so is also made a whole disk image in `images`, to be booted afterwards.
+
+    With `system`: of the states in which GRUB boots the system, up to `system_states` whose system
+    partitions differ (spread over the replay by `seed`, and the first of each phase always among them)
+    are made again in a second pass and given to `system`, whose complaints are findings ("system")."""
     checks: list[CfgCheck] = []
     made: dict[str, Path] = {}
+    candidates: dict[tuple[object, ...], int] = {}  # system partition's content -> first state with it
+    part = replay.partition(system_partition) if system is not None else None
     for state in replay.states(unordered=unordered, seed=seed):
-        checks.append(checker.check(state))
+        check = checker.check(state)
+        checks.append(check)
+        if part is not None and check.decision.entry is Entry.system:
+            candidates.setdefault(state.range_key(part.start, part.size), len(checks) - 1)
         if boot(state):
             if images is None:
                 raise VMError("check_replay: states to boot, but no directory for their images")
             images.mkdir(parents=True, exist_ok=True)
             made[state.name] = state.materialize(images / f"state-{state.index}.img")
-    return Summary(len(replay.points) - 1, tuple(checks), made)
+    chosen = spread(sorted(candidates.values()), system_states, seed, [c.phase for c in checks])
+    checked: list[str] = []
+    if system is not None and chosen:
+        for n, state in enumerate(replay.states(unordered=unordered, seed=seed)):
+            if n in chosen:
+                problems = system(state, checks[n])
+                checked.append(state.name)
+                if problems:
+                    checks[n] = replace(checks[n], findings=checks[n].findings + tuple(
+                        Finding(state.name, "system", problem) for problem in problems))
+            if n >= max(chosen):
+                break
+    return Summary(len(replay.points) - 1, tuple(checks), made, tuple(checked))
+
+
+def spread(candidates: Sequence[int], count: int, seed: int, phases: Sequence[str | None] = ()) -> set[int]:
+    """Up to `count` of `candidates` (state positions, in order), one drawn by `seed` from each of
+    `count` equal runs of them; with `phases` (each position's phase), the first candidate of every
+    phase is taken as well."""
+    if count <= 0 or not candidates:
+        return set()
+    rng = random.Random(seed)
+    chosen: set[int] = set()
+    seen: set[str | None] = set()
+    for n in candidates if phases else ():
+        if phases[n] not in seen:
+            seen.add(phases[n])
+            chosen.add(n)
+    runs = min(count, len(candidates))
+    for i in range(runs):
+        run_of = candidates[i * len(candidates) // runs : (i + 1) * len(candidates) // runs]
+        chosen.add(rng.choice(run_of))
+    return chosen

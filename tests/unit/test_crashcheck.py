@@ -15,7 +15,19 @@ import pytest
 from recovery.core.bootmenu import GRUBENV, INSTRUCTION, SLOT, TRIAL, Entry
 from recovery.core.envblock import format_envblock
 from recovery.core.instruction import Instruction
-from vm.crashcheck import INCOMPLETE, Checker, check_cfg, check_replay, phase_of
+from recovery.core.slots import write_record
+from vm.crashcheck import (
+    INCOMPLETE,
+    Checker,
+    check_cfg,
+    check_replay,
+    grub_view,
+    judge,
+    phase_of,
+    recovery_view,
+    slots_view,
+    spread,
+)
 from vm.replay import Replay, StateKind
 from vm.writelog import Recording, log_entries_now
 
@@ -220,7 +232,7 @@ def test_the_checker_over_a_recorded_replay(tmp_path):
         argv = ["qemu-io", "-t", "writeback", *step, "json:" + json.dumps(rec.drive().blockdev("disk0"))]
         subprocess.run(argv, check=True, capture_output=True)
     after_staging = log_entries_now(rec.log) - 2  # the second run: a write and its flush
-    checker = Checker(tmp_path / "check", phases=[(after_staging, "erasing")])
+    checker = Checker(tmp_path / "check", phases=[(after_staging, "erasing")], slots=None)
     keys = []
     with Replay(rec.base, rec.log, tmp_path / "replay") as replay:
         def boot(state):
@@ -228,6 +240,18 @@ def test_the_checker_over_a_recorded_replay(tmp_path):
             return state.kind is StateKind.flush and state.point.index == 1
 
         summary = check_replay(replay, checker, unordered=3, seed=5, boot=boot, images=tmp_path / "boot")
+        seen = []
+
+        def system(state, check):  # the second pass: the state is there again, as the first pass saw it
+            seen.append((state.name, check.decision.entry, state.read((9 << 20), 1)))
+            return ["not a release"]
+
+        again = check_replay(replay, checker, unordered=3, seed=5, system=system, system_states=5,
+                             system_partition="other")
+    assert seen and {entry for _, entry, _ in seen} == {Entry.system}
+    assert [name for name, _, _ in seen] == list(again.system_checked)
+    assert [f.state for f in again.findings if f.rule == "system"] == [name for name, _, _ in seen]
+    assert len(again.findings) == len(summary.findings) + len(seen)
     assert summary.flush_points == len(replay.points) - 1 >= 2
     flushes = [c for c in summary.checks if "writes after it" not in c.state]
     assert flushes[0].decision.entry is Entry.system and flushes[0].ok
@@ -251,3 +275,49 @@ def test_grub_reads_past_a_bad_metadata_checksum(tmp_path):
         f.write(bytes(b ^ 0xFF for b in tail))
     check = check_cfg(image, state="s")
     assert check.grub.files[INSTRUCTION] == BLOCK and check.decision.entry is Entry.recovery
+
+
+def test_a_spread_sample_takes_one_from_each_run_and_the_first_of_each_phase():
+    chosen = sorted(spread(range(1, 271), 20, 18))
+    assert len(chosen) == 20
+    assert all(i * 270 // 20 < c <= (i + 1) * 270 // 20 for i, c in enumerate(chosen))
+    assert sorted(spread(range(1, 271), 20, 18)) == chosen != sorted(spread(range(1, 271), 20, 19))
+    assert spread(range(1, 4), 20, 18) == {1, 2, 3} and spread([], 5, 1) == set() and spread([1, 2], 0, 1) == set()
+    phases = ["a"] * 5 + ["b"] * 5
+    assert {0, 5} <= spread(range(10), 1, 3, phases) and len(spread(range(10), 1, 3, phases)) <= 3
+
+
+def make_recovery(path: Path, torn: dict[str, str] | None = None) -> Path:
+    """A recovery partition with slots a and b as the build makes it (small stand-ins for the kernel and
+    initrd, the menu and its sums, the record); `torn` maps a slot to a file of it cut short afterwards."""
+    root = path.parent / (path.name + ".d")
+    for slot in ("a", "b"):
+        (root / slot).mkdir(parents=True)
+        (root / slot / "vmlinuz").write_bytes(b"kernel " + slot.encode() * 3000)
+        (root / slot / "initrd.img").write_bytes(b"initrd " + slot.encode() * 9000)
+        (root / slot / "menu.cfg").write_text(f"menuentry {slot} {{ true }}\n")
+        write_record(root / slot, "1.0.0")
+    for slot, name in (torn or {}).items():
+        data = (root / slot / name).read_bytes()
+        (root / slot / name).write_bytes(data[: len(data) // 2])
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "recovery", "-d", str(root), str(path), "8M"], check=True)
+    shutil.rmtree(root)
+    return path
+
+
+def slot_rules(tmp_path, name: str, active: str, torn: dict[str, str] | None = None) -> list[str]:
+    cfg = make_cfg(tmp_path / f"{name}.cfg", {**STAGED, SLOT: format_envblock({"recovery_slot": active})})
+    slots = slots_view(make_recovery(tmp_path / f"{name}.rec", torn))
+    check = judge(name, None, grub_view(cfg), recovery_view(cfg, tmp_path), slots=slots)
+    return rules(check)
+
+
+def test_the_slot_grub_loads_must_be_whole(tmp_path):
+    assert slot_rules(tmp_path, "whole", "a") == []
+    assert slot_rules(tmp_path, "standby-torn", "a", {"b": "initrd.img"}) == []
+    assert slot_rules(tmp_path, "active-torn", "b", {"b": "initrd.img"}) == ["slot"]
+    assert slot_rules(tmp_path, "menu-torn", "a", {"a": "menu.cfg"}) == ["slot"]
+    assert slot_rules(tmp_path, "both-torn", "a", {"a": "vmlinuz", "b": "recovery.json"}) == ["slots"]
+    view = slots_view(make_recovery(tmp_path / "why.rec", {"b": "initrd.img"}))
+    assert view.whole == ("a",) and "b/initrd.img" in view.broken["b"]
+    assert not slots_view(make_cfg(tmp_path / "notrec.img", IDLE)).opened

@@ -32,6 +32,10 @@ from vm.disk import DiskImage
 
 # made by mkfs, not by the payload
 FILESYSTEM_OWN = frozenset({"lost+found"})
+# What the demo system writes to its own root when it boots (its root is mounted read-write): the
+# machine id systemd commits at the first boot, and systemd's and the shell's state under /var. A tree
+# compared after its release has run leaves these out; everything else must be the payload's.
+RUNNING_WRITES = ("etc/machine-id", "var/lib/systemd", "var/log", "var/tmp", "var/cache", "root/.bash_history")
 
 
 @dataclass(frozen=True)
@@ -262,21 +266,32 @@ def installed_tree(disk: DiskImage, partition: str = "system") -> Tree:
     with tempfile.TemporaryDirectory(prefix=".treecheck-", dir=disk.path.parent) as tmp:
         image = Path(tmp) / "partition"
         disk.export_range(part.start, part.size, image)
-        status = run(["e2fsck", "-p", "-E", "journal_only", image], check=False).returncode
-        if status & ~1:
-            raise AssertionError(f"partition {partition} is no usable ext4 file system (e2fsck exit {status})")
-        return filesystem_tree(image, Path(tmp))
+        return partition_tree(image, Path(tmp), what=f"partition {partition}")
+
+
+def partition_tree(image: Path, scratch: Path, *, what: str = "the partition") -> Tree:
+    """The tree in the ext4 image file `image` as the next mount would see it: its journal replayed
+    first (`image` is changed), then read with debugfs, using `scratch` for the contents."""
+    status = run(["e2fsck", "-p", "-E", "journal_only", image], check=False).returncode
+    if status & ~1:
+        raise AssertionError(f"{what} is no usable ext4 file system (e2fsck exit {status})")
+    return filesystem_tree(image, scratch)
 
 
 # --- comparison -------------------------------------------------------------------------------------
 
 
-def differences(expected: Tree, actual: Tree, *, ignore: Iterable[str] = FILESYSTEM_OWN) -> list[str]:
-    """Every way `actual` differs from `expected`; empty when they are the same tree."""
-    skip = set(ignore)
+def differences(
+    expected: Tree, actual: Tree, *, ignore: Iterable[str] = FILESYSTEM_OWN, running: Iterable[str] = (),
+) -> list[str]:
+    """Every way `actual` differs from `expected`; empty when they are the same tree. `ignore`: top-level
+    names left out; `running`: paths left out with all below them (what a booted system writes, e.g.
+    RUNNING_WRITES)."""
+    skip, below = set(ignore), tuple(running)
 
     def kept(path: str) -> bool:
-        return path.split("/", 1)[0] not in skip
+        return path.split("/", 1)[0] not in skip and not any(
+            path == p or path.startswith(p + "/") for p in below)
 
     problems = []
     for path in sorted(set(expected.nodes) | set(actual.nodes)):
