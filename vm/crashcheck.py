@@ -436,20 +436,26 @@ def check_replay(
     replay: Replay, checker: Checker, *, unordered: int = 0, seed: int = 0,
     boot: Callable[[CrashState], bool] = lambda state: False, images: Path | None = None,
     system: SystemCheck | None = None, system_states: int = 0, system_partition: str | int = "system",
+    only: Callable[[CrashState], bool] | None = None,
 ) -> Summary:
     """Check every state of `replay` (its flush points and `unordered` seeded subsets); each state for
     which `boot` says so is also made a whole disk image in `images`, to be booted afterwards.
 
     With `system`: of the states in which GRUB boots the system, up to `system_states` whose system
     partitions differ (spread over the replay by `seed`, and the first of each phase always among them)
-    are made again in a second pass and given to `system`, whose complaints are findings ("system")."""
+    are made again in a second pass and given to `system`, whose complaints are findings ("system").
+    With `only`, the states it refuses are made but not checked (a sample of a long replay)."""
     checks: list[CfgCheck] = []
     made: dict[str, Path] = {}
     candidates: dict[tuple[object, ...], int] = {}  # system partition's content -> first state with it
     part = replay.partition(system_partition) if system is not None else None
-    for state in replay.states(unordered=unordered, seed=seed):
+    positions: list[int] = []  # each check's state, by its place in replay.states()
+    for n, state in enumerate(replay.states(unordered=unordered, seed=seed)):
+        if only is not None and not only(state):
+            continue
         check = checker.check(state)
         checks.append(check)
+        positions.append(n)
         if part is not None and check.decision.entry is Entry.system:
             candidates.setdefault(state.range_key(part.start, part.size), len(checks) - 1)
         if boot(state):
@@ -460,14 +466,15 @@ def check_replay(
     chosen = spread(sorted(candidates.values()), system_states, seed, [c.phase for c in checks])
     checked: list[str] = []
     if system is not None and chosen:
+        at = {positions[c]: c for c in chosen}
         for n, state in enumerate(replay.states(unordered=unordered, seed=seed)):
-            if n in chosen:
-                problems = system(state, checks[n])
+            if (c := at.get(n)) is not None:
+                problems = system(state, checks[c])
                 checked.append(state.name)
                 if problems:
-                    checks[n] = replace(checks[n], findings=checks[n].findings + tuple(
+                    checks[c] = replace(checks[c], findings=checks[c].findings + tuple(
                         Finding(state.name, "system", problem) for problem in problems))
-            if n >= max(chosen):
+            if n >= max(at):
                 break
     return Summary(len(replay.points) - 1, tuple(checks), made, tuple(checked))
 

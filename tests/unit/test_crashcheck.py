@@ -248,6 +248,9 @@ def test_the_checker_over_a_recorded_replay(tmp_path):
 
         again = check_replay(replay, checker, unordered=3, seed=5, system=system, system_states=5,
                              system_partition="other")
+        sampled = check_replay(replay, checker, unordered=3, seed=5, only=lambda state: state.kind is StateKind.flush)
+    assert [c.state for c in sampled.checks] == [c.state for c in summary.checks if c.state.split(": ")[1].startswith(
+        "flush") and "writes after it" not in c.state]
     assert seen and {entry for _, entry, _ in seen} == {Entry.system}
     assert [name for name, _, _ in seen] == list(again.system_checked)
     assert [f.state for f in again.findings if f.rule == "system"] == [name for name, _, _ in seen]

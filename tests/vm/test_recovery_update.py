@@ -6,9 +6,11 @@ that installs the next update.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +21,12 @@ from tests.reliability import Scenario, scenario  # noqa: F401  (the fixture, al
 from tests.vm.staging import read_result, ready, stage
 from vm.deadlines import BOOT, RECOVERY
 from vm.disk import DiskImage
+from vm.crashcheck import Checker, check_replay, spread
 from vm.machine import Machine
+from vm.replay import Replay, StateKind
+from vm.writelog import Recording, log_entries_now
+
+SEED = int(os.environ.get("RELIABILITY_SEED", "0")) or 18
 
 MiB = 1024 * 1024
 WRITING = r"recovery-slots: writing recovery 2\.0\.0 into slot b"
@@ -43,14 +50,30 @@ def _shell(m: Machine, cmd: str) -> str:
     return out
 
 
-def _install_2_0_0(machine: Callable[..., Machine], built: Any, disk: DiskImage, recovery: str) -> Machine:
-    """Stage 2.0.0, boot, and follow its install by the recovery `recovery` (`1.0.0 (slot a)`) to the trial."""
-    good = built.bundles["2.0.0"]
-    stage(disk, good.read_bytes(), name=good.name)
-    m = machine()
+# The recovery's lines that begin a phase of its install, and the phase's name (vm.crashcheck).
+PHASES = ((r"recovery: erasing", "erasing"), (r"recovery: extracting", "extracting"),
+          (r"recovery: finishing", "finishing"), (r"recovery: installed 2\.0\.0\r?\n", "trial"),
+          (r"trial: confirmed 2\.0\.0 \(boot 1 of 3\)", "confirmed"))
+SAMPLE = int(os.environ.get("CRASH_SAMPLE", "40"))  # flush points of the recorded install checked offline
+
+
+def _install_2_0_0(
+    machine: Callable[..., Machine], built: Any, disk: DiskImage, recovery: str, *, recording: Recording | None = None,
+    phases: list[tuple[int, str]] | None = None,
+) -> Machine:
+    """Stage 2.0.0, boot, and follow its install by the recovery `recovery` (`1.0.0 (slot a)`) to the trial.
+    With `recording` (prepared from a disk already staged) the disk's writes are logged, and each phase's
+    start is noted in `phases`."""
+    if recording is None:
+        good = built.bundles["2.0.0"]
+        stage(disk, good.read_bytes(), name=good.name)
+    m = machine(disk=recording.drive() if recording else disk, probe_kernel=built.recovery / "vmlinuz",
+                name="recorded" if recording else None)
     m.expect(rf"recovery: version {re.escape(recovery)}", 4 * RECOVERY)
-    m.expect(r"recovery: installed 2\.0\.0\r?\n", 4 * RECOVERY)
-    m.expect(r"trial: confirmed 2\.0\.0 \(boot 1 of 3\)", 2 * BOOT)
+    for line, phase in PHASES:
+        m.expect(line, 4 * RECOVERY)
+        if recording is not None and phases is not None:
+            phases.append((log_entries_now(recording.log), phase))
     return m
 
 
@@ -65,7 +88,7 @@ def _repair_is_installed_by_the_new_recovery(machine: Callable[..., Machine], bu
 
 
 def test_a_confirmed_release_updates_the_recovery_and_the_new_recovery_installs_the_next_update(
-    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, scenario: Scenario,
+    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, scenario: Scenario, tmp_path: Path,
 ) -> None:
     scenario.name = "Recovery update: 2.0.0 confirms, writes its recovery into slot b, and that recovery installs"
     scenario.checked = ("recovery 1.0.0 (slot a) installs 2.0.0; once confirmed, 2.0.0 writes recovery 2.0.0 into slot b, "
@@ -75,8 +98,16 @@ def test_a_confirmed_release_updates_the_recovery_and_the_new_recovery_installs_
     assert factory is not None and factory.version == "1.0.0" and slot_record(vm_disk, "b") == factory
     assert active_slot(vm_disk) == "a"
 
-    m = _install_2_0_0(machine, built_image, vm_disk, "1.0.0 (slot a)")
+    # The install, the trial and the recovery update are recorded (vm/writelog.py): a seeded sample of
+    # the crash states they pass through is checked offline below (tests/vm/test_crash_states.py has
+    # all of them, and a whole update, in make reliability).
+    good = built_image.bundles["2.0.0"]
+    stage(vm_disk, good.read_bytes(), name=good.name)  # before the recording: it starts from a staged disk
+    recording = Recording.prepare(vm_disk.path, tmp_path / "rec")
+    phases: list[tuple[int, str]] = [(0, "recovery")]
+    m = _install_2_0_0(machine, built_image, vm_disk, "1.0.0 (slot a)", recording=recording, phases=phases)
     m.expect(WRITING, BOOT)
+    phases.append((log_entries_now(recording.log), "recovery-update"))
     m.expect(VERIFIED, BOOT)
     m.expect(ACTIVE, BOOT)
     m.expect(ready(built_image, "2.0.0"), BOOT)
@@ -86,8 +117,10 @@ def test_a_confirmed_release_updates_the_recovery_and_the_new_recovery_installs_
     # confirmed release's bundle is the fallback, the factory's is gone, the trial boot had the watchdog.
     assert "fallback: 2.0.0 (/bundles/demo-appliance-2.0.0.bundle)" in status and "trial:" not in status, status
     assert _shell(m, "cat /proc/cmdline").count("systemd.watchdog_sec=30") == 1
-    m.power_cut()
+    m.stop()  # not a power cut: a killed QEMU may have written what it had not yet logged
+    vm_disk = DiskImage.open(recording.image)
     assert vm_disk.read_file("storage", "/bundles/demo-appliance-1.0.0.bundle") is None
+    _check_a_sample_of_crash_states(recording, phases, tmp_path, scenario)
 
     result = read_result(vm_disk)
     assert result["recovery"] == {"version": "1.0.0", "slot": "a"}, result
@@ -96,6 +129,19 @@ def test_a_confirmed_release_updates_the_recovery_and_the_new_recovery_installs_
     assert new is not None and new.version == "2.0.0" and new != factory
     assert slot_record(vm_disk, "a") == factory  # the old recovery stays, whole, for a failing new one
     _repair_is_installed_by_the_new_recovery(machine, built_image, vm_disk)
+
+
+def _check_a_sample_of_crash_states(rec: Recording, phases: list[tuple[int, str]], tmp: Path, scenario: Scenario) -> None:
+    """SAMPLE flush points spread over the recorded install by the seed, and a few unordered subsets,
+    each checked from the host as GRUB and the recovery would read cfg and the recovery's slots."""
+    with Replay(rec.base, rec.log, tmp / "replay") as replay:
+        chosen = spread(range(1, len(replay.points)), SAMPLE, SEED)
+        summary = check_replay(replay, Checker(tmp / "check", phases=phases), unordered=4, seed=SEED,
+                               only=lambda s: s.kind is not StateKind.flush or s.point.index in chosen)
+    scenario.note(f"recorded: {summary.flush_points} flush points; {len(summary.checks)} states checked offline "
+                  f"(seed {SEED}), {summary.held} held")
+    assert len(summary.checks) >= min(SAMPLE, summary.flush_points)
+    assert not summary.findings, "\n".join(map(str, summary.findings[:20]))
 
 
 CUTS = {
