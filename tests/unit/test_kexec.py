@@ -285,3 +285,24 @@ def test_the_kernel_refuses_to_load_what_is_no_kernel(tmp_path: Path) -> None:
         load_file(tmp_path / "k", tmp_path / "i", "quiet", what="a test file")
     loaded = Path("/sys/kernel/kexec_loaded")
     assert not loaded.exists() or loaded.read_text().strip() == "0"
+
+
+def test_the_count_is_written_over_the_files_own_blocks_as_grubs_save_env(tmp_path: Path) -> None:
+    """No new inode (a renamed file can show GRUB, which reads past the journal, a directory entry whose
+    inode a power cut left unwritten); a file of another size is not a block GRUB counts in."""
+    from recovery.core.kexec import count_as_grub
+
+    cfg = tmp_path / "cfg"
+    (cfg / "recovery").mkdir(parents=True)
+    trial = cfg / "recovery/trial"
+    trial.write_bytes(format_envblock({"trial_max": "3"}))
+    inode = trial.stat().st_ino
+    decision = decide({"recovery/trial": trial.read_bytes()})
+    unloaded = []
+    count_as_grub(cfg, decision, unload=lambda: unloaded.append(1))
+    assert trial.stat().st_ino == inode and trial.read_bytes() == decision.save.block and not unloaded
+    assert parse_envblock(trial.read_bytes()) == {"trial_max": "3", "trial_boot": "1"}
+    trial.write_bytes(trial.read_bytes()[:1000])
+    with pytest.raises(NoKexec, match=r"cannot count trial_boot in recovery/trial: .* is 1000 bytes, not the 1024"):
+        count_as_grub(cfg, decision, unload=lambda: unloaded.append(1))
+    assert unloaded == [1] and len(trial.read_bytes()) == 1000

@@ -33,9 +33,10 @@ from vm.disk import DiskImage
 # made by mkfs, not by the payload
 FILESYSTEM_OWN = frozenset({"lost+found"})
 # What the demo system writes to its own root when it boots (its root is mounted read-write): the
-# machine id systemd commits at the first boot, and systemd's and the shell's state under /var. A tree
-# compared after its release has run leaves these out; everything else must be the payload's.
-RUNNING_WRITES = ("etc/machine-id", "var/lib/systemd", "var/log", "var/tmp", "var/cache", "root/.bash_history")
+# machine id systemd commits at the first boot, systemd's and the shell's state under /var, and what
+# systemd-tmpfiles makes in /tmp (not a tmpfs there: .X11-unix and its kin). A tree compared after its
+# release has run leaves these out; everything else must be the payload's.
+RUNNING_WRITES = ("etc/machine-id", "var/lib/systemd", "var/log", "var/tmp", "var/cache", "root/.bash_history", "tmp")
 
 
 @dataclass(frozen=True)
