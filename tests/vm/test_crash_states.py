@@ -210,23 +210,20 @@ def _check_all(rec: Recorded, built: Any, tmp_path: Path, scenario: Scenario, wh
     assert summary.system_checked, "no state in which GRUB boots the system was checked"
 
 
-def test_every_flush_point_of_an_update_leaves_a_state_that_ends_well(
-    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, tmp_path: Path, scenario: Scenario,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> None:
-    scenario.name = "Crash states of an update: every flush point and unordered subsets, checked offline"
-    rec = recorded("update", machine, built_image, vm_disk, tmp_path_factory)
-    _check_all(rec, built_image, tmp_path, scenario, "one whole update (staging, install, trial, confirm, recovery update)")
+RECORDED = {
+    "update": ("an update", "one whole update (staging, install, trial, confirm, recovery update)"),
+    "rollback": ("a rollback", f"one rollback ({ROLLBACK}: install, three failed trial boots, rollback, 1.0.0 confirmed)"),
+}
 
 
-def test_every_flush_point_of_a_rollback_leaves_a_state_that_ends_well(
-    machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, tmp_path: Path, scenario: Scenario,
-    tmp_path_factory: pytest.TempPathFactory,
+@pytest.mark.parametrize("kind", list(RECORDED))
+def test_every_flush_point_leaves_a_state_that_ends_well(
+    kind: str, machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, tmp_path: Path,
+    scenario: Scenario, tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    scenario.name = "Crash states of a rollback: every flush point and unordered subsets, checked offline"
-    rec = recorded("rollback", machine, built_image, vm_disk, tmp_path_factory)
-    _check_all(rec, built_image, tmp_path, scenario, f"one rollback ({ROLLBACK}: install, three failed trial boots, "
-               "rollback, 1.0.0 confirmed)")
+    scenario.name = f"Crash states of {RECORDED[kind][0]}: every flush point and unordered subsets, checked offline"
+    rec = recorded(kind, machine, built_image, vm_disk, tmp_path_factory)
+    _check_all(rec, built_image, tmp_path, scenario, RECORDED[kind][1])
 
 
 def booted_states(points: int, count: int) -> list[int]:
@@ -306,26 +303,22 @@ def _boot_state(kind: str, k: int, count: int, machine: Callable[..., Machine], 
     image.unlink()
 
 
+BOOTED_CHECKED = {
+    "update": ("real GRUB's first choice is bootmenu.decide's for the state; the boot ends, with no help, on a "
+               "confirmed release whose tree is its bundle's payload, with no instruction left"),
+    "rollback": ("real GRUB's first choice is bootmenu.decide's for the state; the boot ends, with no help, on "
+                 "1.0.0 confirmed, its tree its bundle's payload, result.json rolled-back"),
+}
+
+
 @pytest.mark.timeout(7200)  # may wait for the recording, then a recovery install and trial boots
-@pytest.mark.parametrize("k", range(BOOTED))
-def test_a_seeded_flush_point_of_the_update_boots_to_a_confirmed_release(
-    k: int, machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, tmp_path: Path,
+@pytest.mark.parametrize(("kind", "k"), [("update", k) for k in range(BOOTED)] + [
+    ("rollback", k) for k in range(ROLLBACK_BOOTED)], ids=lambda v: str(v))
+def test_a_seeded_flush_point_boots_to_a_confirmed_release(
+    kind: str, k: int, machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, tmp_path: Path,
     scenario: Scenario, tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    scenario.name = "Crash states of an update: seeded flush points booted to the end"
-    scenario.checked = ("real GRUB's first choice is bootmenu.decide's for the state; the boot ends, with no help, on a "
-                        "confirmed release whose tree is its bundle's payload, with no instruction left")
-    _boot_state("update", k, BOOTED, machine, built_image, vm_disk, tmp_path, tmp_path_factory, scenario)
-
-
-@pytest.mark.timeout(7200)
-@pytest.mark.parametrize("k", range(ROLLBACK_BOOTED))
-def test_a_seeded_flush_point_of_the_rollback_boots_to_the_restored_release(
-    k: int, machine: Callable[..., Machine], built_image: Any, vm_disk: DiskImage, tmp_path: Path,
-    scenario: Scenario, tmp_path_factory: pytest.TempPathFactory,
-) -> None:
-    scenario.name = "Crash states of a rollback: seeded flush points booted to the end"
-    scenario.checked = ("real GRUB's first choice is bootmenu.decide's for the state; the boot ends, with no help, on "
-                        "1.0.0 confirmed, its tree its bundle's payload, result.json rolled-back")
-    _boot_state("rollback", k, ROLLBACK_BOOTED, machine, built_image, vm_disk, tmp_path, tmp_path_factory, scenario)
-
+    scenario.name = f"Crash states of {RECORDED[kind][0]}: seeded flush points booted to the end"
+    scenario.checked = BOOTED_CHECKED[kind]
+    _boot_state(kind, k, BOOTED if kind == "update" else ROLLBACK_BOOTED, machine, built_image, vm_disk, tmp_path,
+                tmp_path_factory, scenario)
