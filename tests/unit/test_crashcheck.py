@@ -175,6 +175,19 @@ def test_an_ended_trial_torn_for_grub_is_one_boot_more(tmp_path):
     assert rules(check_cfg(on_trial, state="s")) == ["trial"]
 
 
+def test_a_trial_torn_for_grub_while_an_instruction_is_there_is_never_read(tmp_path):
+    """The rollback recording's finding: the recovery's start of a trial was cut in its checkpoint, and
+    GRUB reads a trial block that is no block; with the instruction there it boots the recovery and
+    reads no trial block. Without the instruction the same tear is a finding."""
+    trial = {TRIAL: format_envblock({"trial_max": "3"})}
+    torn = in_journal_only(make_cfg(tmp_path / "torn.img", {**STAGED, TRIAL: b"{\n  not a block" + b" " * 1000}), trial)
+    check = check_cfg(torn, state="s", phase="finishing")
+    assert check.decision.entry is Entry.recovery and check.grub.files[TRIAL][:1] == b"{"
+    assert check.ok, [str(f) for f in check.findings]
+    alone = in_journal_only(make_cfg(tmp_path / "alone.img", {**IDLE, TRIAL: b"{\n  not a block" + b" " * 1000}), trial)
+    assert rules(check_cfg(alone, state="s")) == ["trial"]
+
+
 def test_the_phase_of_a_state(tmp_path):
     image = make_cfg(tmp_path / "idle.img", IDLE)
     assert rules(check_cfg(image, state="s", phase="extracting")) == ["boot"]
