@@ -178,6 +178,9 @@ def _disk_image(config: ImageConfig, out: Path, work: Path, recovery_dir: Path, 
     (cfg_dir / "recovery").mkdir(parents=True)
     # GRUB counts the recovery's tries here when an instruction is garbage it cannot write to.
     (cfg_dir / "recovery/grubenv").write_bytes(format_envblock({}))
+    # No trial yet: an empty block, there from the start so that every later write of it goes over its
+    # own blocks (recovery.core.atomic.write_block) and none is a rename GRUB could read half-done.
+    (cfg_dir / "recovery/trial").write_bytes(format_envblock({}))
     # Which recovery slot GRUB loads (both hold the same recovery at first).
     (cfg_dir / SLOT_BLOCK).write_bytes(format_envblock({SLOT_KEY: SLOTS[0]}))
     storage_dir = _factory_fallback(config, work, cfg_dir, factory)

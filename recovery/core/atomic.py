@@ -6,6 +6,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import struct
 import tempfile
 from collections.abc import Callable
@@ -52,6 +53,39 @@ def durable_unlink(path: Path) -> bool:
         return False
     fsync_dir(Path(path).parent)
     return True
+
+
+def write_in_place(path: Path, data: bytes) -> None:
+    """Overwrite the file `path`, which must already be `len(data)` bytes, over its own blocks and fsync
+    it, as GRUB's save_env does. No new inode, no rename: GRUB, which reads ext4 past its journal, sees
+    the old block or the new one whatever a power cut leaves of a checkpoint (a renamed file can show it
+    a directory entry whose inode is not yet written: DESIGN.md "Crash states")."""
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    try:
+        size = os.fstat(fd).st_size
+        if size != len(data):
+            raise OSError(f"{path} is {size} bytes, not the {len(data)} of the block")
+        if os.pwrite(fd, data, 0) != len(data):
+            raise OSError(f"a short write to {path}")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_block(path: Path, data: bytes) -> None:
+    """Replace a fixed-size block GRUB reads (an environment block on cfg): over the file's own blocks
+    (`write_in_place`) when `path` is a regular file of `len(data)` bytes already, else `atomic_write`
+    (a new file, or one of another size or kind). Once such a file exists it keeps its inode for good,
+    so no cut in a later checkpoint can show GRUB a directory entry whose inode is not yet written."""
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == len(data):
+        write_in_place(path, data)
+    else:
+        atomic_write(path, data)
 
 
 # _IOW('f', 43, __u32): write an ext4 file system's journal out to the blocks it describes (Linux >= 5.13)

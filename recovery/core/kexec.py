@@ -11,7 +11,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from recovery.core.atomic import checkpoint_journal
+from recovery.core.atomic import checkpoint_journal, write_in_place
 from recovery.core.bootmenu import FILES, Decision, decide
 from recovery.core.run import run
 
@@ -83,8 +83,8 @@ def jump() -> str:
 
 def count_as_grub(cfg: Path, decision: Decision, *, unload: Callable[[], object]) -> None:
     """Write the count GRUB's save_env would write for `decision`: its bytes, where GRUB writes them
-    (over the file's own blocks, `write_in_place`), then past cfg's journal; `unload` the loaded kernel
-    again if that cannot be done."""
+    (over the file's own blocks: `recovery.core.atomic.write_in_place`), then past cfg's journal;
+    `unload` the loaded kernel again if that cannot be done."""
     save = decision.save
     assert save is not None and save.block is not None
     try:
@@ -93,20 +93,3 @@ def count_as_grub(cfg: Path, decision: Decision, *, unload: Callable[[], object]
     except OSError as e:
         unload()
         raise NoKexec(f"cannot count {save.name} in {save.file}: {e}") from None
-
-
-def write_in_place(path: Path, data: bytes) -> None:
-    """Overwrite the file `path`, which must already be `len(data)` bytes, over its own blocks and fsync
-    it, as GRUB's save_env does. No new inode, no rename: GRUB, which reads ext4 past its journal, sees
-    the old block or the new one whatever a power cut leaves of a checkpoint (a renamed file can show it
-    a directory entry whose inode is not yet written: DESIGN.md "Crash states")."""
-    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
-    try:
-        size = os.fstat(fd).st_size
-        if size != len(data):
-            raise OSError(f"{path} is {size} bytes, not the {len(data)} of the block")
-        if os.pwrite(fd, data, 0) != len(data):
-            raise OSError(f"a short write to {path}")
-        os.fsync(fd)
-    finally:
-        os.close(fd)

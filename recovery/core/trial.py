@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recovery.core.atomic import atomic_write, checkpoint_journal
+from recovery.core.atomic import atomic_write, checkpoint_journal, write_block
 from recovery.core.envblock import format_envblock, parse_envblock
 from recovery.core.errors import Rejected
 from recovery.core.instruction import Action, Instruction
@@ -139,7 +139,7 @@ def _count(env: dict[str, str], key: str) -> int | None:
 
 def _write_counter(cfg: Path, env: dict[str, str]) -> None:
     (cfg / TRIAL).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(cfg / TRIAL, format_envblock(env))
+    write_block(cfg / TRIAL, format_envblock(env))  # over its own blocks once it exists, as GRUB counts
     # GRUB reads cfg past its journal: the next boot must see this block, not the one before.
     checkpoint_journal(cfg / TRIAL.parent)
 

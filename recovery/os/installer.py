@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from uuid import uuid4
 
-from recovery.core.atomic import atomic_write, checkpoint_journal, durable_unlink
+from recovery.core.atomic import atomic_write, checkpoint_journal, durable_unlink, write_block
 from recovery.core.bundle import VerifiedBundle, verify_bundle
 from recovery.core.envblock import format_envblock
 from recovery.core.errors import Failed, Rejected, UpdateError
@@ -25,7 +25,7 @@ from recovery.core.keys import Keyring
 from recovery.core.osrelease import read_os_release
 from recovery.core.output import Progress
 from recovery.core.result import Outcome, Result, now, write_result
-from recovery.core.trial import NOTES, BundleRef, Installed, read_failed, start_trial
+from recovery.core.trial import NOTES, TRIAL, BundleRef, Installed, end_trial, read_failed, start_trial
 from recovery.core.version import Version
 from recovery.os import devices, mounts
 from recovery.os import erase as erasing
@@ -317,7 +317,22 @@ class Installer:
 
 
 def reset_fallback_counter(cfg: Path) -> None:
-    """An empty block for GRUB to count garbage instructions' tries in (made if it is missing)."""
+    """An empty block for GRUB to count garbage instructions' tries in (made if it is missing; once it
+    exists, written over its own blocks: `write_block`)."""
 
     (cfg / FALLBACK_COUNTER).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(cfg / FALLBACK_COUNTER, format_envblock({}))
+    write_block(cfg / FALLBACK_COUNTER, format_envblock({}))
+
+
+def ensure_counters(cfg: Path) -> None:
+    """Make the blocks GRUB counts in that are missing (an image builder's cfg may have neither): the
+    fallback counter, and an empty trial block (no trial). Made now, while the instruction that brought
+    us here is there (GRUB then reads neither), they are written over their own blocks from then on, so
+    the writes that finish an install rename neither (DESIGN.md "Crash states")."""
+    missing = [name for name in (FALLBACK_COUNTER, TRIAL) if not (cfg / name).exists()]
+    if FALLBACK_COUNTER in missing:
+        reset_fallback_counter(cfg)
+    if TRIAL in missing:
+        end_trial(cfg)
+    if missing:
+        checkpoint_journal(cfg)

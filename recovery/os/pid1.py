@@ -29,12 +29,12 @@ from recovery.os.console import Console, _BufferHandler
 from recovery.os.devices import find_device, mount, umount, umount_all
 from recovery.os.installer import (
     CFG_MOUNT,
-    FALLBACK_COUNTER,
     INCOMPLETE,
     INSTRUCTION,
     RUN,
     SYSTEM_MOUNT,
     Installer,
+    ensure_counters,
     recovery_identity,
     reset_fallback_counter,
 )
@@ -160,8 +160,7 @@ def install(config: RecoveryConfig, boot: Boot, console: Console) -> None:
         console.say("recovery: rebooting")
         umount_all(RUN)
         return
-    if not (cfg / FALLBACK_COUNTER).exists():
-        reset_fallback_counter(cfg)
+    ensure_counters(cfg)
     installer = Installer(config, boot, console, cfg)
     try:
         result = installer.run()

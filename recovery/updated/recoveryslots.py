@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from recovery.core.atomic import atomic_write, checkpoint_journal, durable_unlink, fsync_dir
+from recovery.core.atomic import atomic_write, checkpoint_journal, durable_unlink, fsync_dir, write_block
 from recovery.core.envblock import format_envblock, parse_envblock
 from recovery.core.errors import Failed, Rejected, UpdateError
 from recovery.core.instruction import DiskSpec, DiskSpecKind
@@ -132,10 +132,11 @@ def read_active_slot(cfg: Path) -> str:
 
 
 def write_active_slot(cfg: Path, slot: str) -> None:
-    """Make `slot` the one GRUB boots, in one atomic write GRUB sees past cfg's journal."""
+    """Make `slot` the one GRUB boots, in one write GRUB sees past cfg's journal (over the block's own
+    blocks once it exists: `write_block`)."""
     path = cfg / SLOT_BLOCK
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, format_envblock({SLOT_KEY: slot}))
+    write_block(path, format_envblock({SLOT_KEY: slot}))
     checkpoint_journal(path.parent)
 
 

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from recovery.core import instruction
-from recovery.core.atomic import EXT4_IOC_CHECKPOINT, atomic_write, checkpoint_journal, durable_unlink, read_if_present
+from recovery.core.atomic import (
+    EXT4_IOC_CHECKPOINT,
+    atomic_write,
+    checkpoint_journal,
+    durable_unlink,
+    read_if_present,
+    write_block,
+)
 from recovery.core.errors import Rejected
 from recovery.core.instruction import Instruction, clear_try, read_instruction, write_instruction
 
@@ -127,3 +134,28 @@ def test_read_if_present(tmp_path: Path) -> None:
     assert read_if_present(tmp_path / "file/below", absent=(FileNotFoundError, NotADirectoryError)) is None
     with pytest.raises(Rejected, match="Is a directory"):
         read_if_present(tmp_path)
+
+
+def test_write_block_goes_over_an_existing_blocks_own_bytes(tmp_path: Path) -> None:
+    """Once a block GRUB reads exists it keeps its inode: the write is GRUB's save_env's, not a rename
+    (DESIGN.md "Crash states": a cut in the checkpoint of a rename can show GRUB an unwritten inode)."""
+    block = tmp_path / "trial"
+    write_block(block, b"a" * 1024)  # missing: made by a rename
+    inode = block.stat().st_ino
+    write_block(block, b"b" * 1024)
+    assert block.read_bytes() == b"b" * 1024 and block.stat().st_ino == inode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trial"]
+
+
+def test_write_block_replaces_what_is_no_block_of_that_size(tmp_path: Path) -> None:
+    block, elsewhere = tmp_path / "grubenv", tmp_path / "elsewhere"
+    block.write_bytes(b"short")
+    inode = block.stat().st_ino
+    write_block(block, b"x" * 1024)
+    assert block.read_bytes() == b"x" * 1024 and block.stat().st_ino != inode
+    elsewhere.write_bytes(b"y" * 1024)
+    block.unlink()
+    block.symlink_to(elsewhere)  # never written through
+    write_block(block, b"z" * 1024)
+    assert not block.is_symlink() and block.read_bytes() == b"z" * 1024
+    assert elsewhere.read_bytes() == b"y" * 1024

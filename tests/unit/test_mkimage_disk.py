@@ -207,20 +207,19 @@ def test_demo_system_is_release_1(built_image, demo_fs):
     assert "signing.pem" not in debugfs(demo_fs["system"], "ls /etc/recovery/keys")
 
 
-def test_demo_cfg_has_only_grubs_counter_and_the_fallback(demo_fs, tmp_path):
-    """cfg starts with no instruction, no result and no trial: only the empty block GRUB counts garbage
-    in, the record of the factory bundle as the fallback, and the block naming recovery slot a active."""
+def test_demo_cfg_has_only_grubs_counters_and_the_fallback(demo_fs, tmp_path):
+    """cfg starts with no instruction and no result: only the empty blocks GRUB counts in (garbage
+    instructions' tries, trial boots: no trial yet), the record of the factory bundle as the fallback,
+    and the block naming recovery slot a active. All three blocks are there from the start, so every
+    later write of one goes over its own blocks (none is a rename GRUB could read half-done)."""
     names = [line.split()[-1] for line in debugfs(demo_fs["cfg"], "ls -l /recovery").splitlines() if line.strip()]
-    assert sorted(names) == [".", "..", "fallback.json", "grubenv", "slot"]
-    slot = tmp_path / "slot"
-    debugfs(demo_fs["cfg"], f"dump /recovery/slot {slot}")
-    listed = subprocess.run(["grub-editenv", str(slot), "list"], capture_output=True, text=True, check=True)
-    assert listed.stdout == "recovery_slot=a\n"
+    assert sorted(names) == [".", "..", "fallback.json", "grubenv", "slot", "trial"]
     assert "update-instruction" not in debugfs(demo_fs["cfg"], "ls /")
-    block = tmp_path / "grubenv"
-    debugfs(demo_fs["cfg"], f"dump /recovery/grubenv {block}")
-    listed = subprocess.run(["grub-editenv", str(block), "list"], capture_output=True, text=True, check=True)
-    assert len(block.read_bytes()) == 1024 and listed.stdout == ""
+    for name, listing in (("slot", "recovery_slot=a\n"), ("grubenv", ""), ("trial", "")):
+        block = tmp_path / name
+        debugfs(demo_fs["cfg"], f"dump /recovery/{name} {block}")
+        listed = subprocess.run(["grub-editenv", str(block), "list"], capture_output=True, text=True, check=True)
+        assert len(block.read_bytes()) == 1024 and listed.stdout == listing, name
 
 
 def test_demo_recovery_partition(built_image, demo_fs):

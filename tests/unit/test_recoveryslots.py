@@ -549,3 +549,15 @@ def test_the_switch_is_written_past_cfgs_journal(
     update_recovery(config, partition=disk.partition)
     assert [where.parent.parent for where, _ in seen[:-1]] == [disk.base]  # the recovery's, while mounted
     assert seen[-1] == (config.cfg / "recovery", {"recovery_slot": "b"})
+
+
+def test_the_switch_keeps_the_slot_blocks_inode(tmp_path: Path, make_disk, layout: Path, source: Path) -> None:
+    """The block naming the active slot is written over its own bytes (GRUB's save_env's way), not
+    renamed: no cut in the checkpoint can show GRUB a directory entry whose inode is not yet written."""
+    disk = make_disk(layout)
+    config = config_for(tmp_path, source)
+    (config.cfg / SLOT).parent.mkdir(parents=True, exist_ok=True)
+    (config.cfg / SLOT).write_bytes(format_envblock({"recovery_slot": "a"}))  # as reflash build makes it
+    inode = (config.cfg / SLOT).stat().st_ino
+    update_recovery(config, partition=disk.partition)
+    assert active_block(config) == {"recovery_slot": "b"} and (config.cfg / SLOT).stat().st_ino == inode

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mkimage.publish import publish
-from recovery.core.envblock import parse_envblock
+from recovery.core.envblock import format_envblock, parse_envblock
 from recovery.core.errors import Failed, Rejected
 from recovery.core.instruction import Action, Instruction, read_instruction, write_instruction
 from recovery.core.result import Outcome, read_result
@@ -43,7 +43,7 @@ from recovery.core.trial import (
 )
 from recovery.os.cmdline import Boot
 from recovery.os.console import Console
-from recovery.os.installer import INSTRUCTION, Installer
+from recovery.os.installer import FALLBACK_COUNTER, INSTRUCTION, Installer, ensure_counters
 from recovery.os.rollback import NoRollback, NotOnTrial, plan_rollback, tree_problem
 from recovery.updated import trial
 from recovery.updated.cli import main
@@ -259,6 +259,33 @@ def test_a_completed_install_starts_a_trial_before_the_instruction_goes(cfg: Pat
     else:
         assert result.outcome == Outcome.installed
     assert read_result(cfg) == result
+
+
+def test_the_recovery_makes_the_counters_it_finds_missing_once(cfg: Path) -> None:
+    """An image builder's cfg may lack GRUB's blocks: made empty at the install's start (while the
+    instruction is there and GRUB reads neither); blocks that are there are left as they are."""
+    ensure_counters(cfg)
+    assert parse_envblock((cfg / FALLBACK_COUNTER).read_bytes()) == {}
+    assert parse_envblock((cfg / TRIAL).read_bytes()) == {} and not TrialCounter.read(cfg).on_trial
+    (cfg / FALLBACK_COUNTER).write_bytes(format_envblock({"recovery_try": "2"}))
+    ensure_counters(cfg)
+    assert parse_envblock((cfg / FALLBACK_COUNTER).read_bytes()) == {"recovery_try": "2"}
+
+
+@pytest.mark.parametrize("action", [Action.install, Action.rollback])
+def test_finishing_an_install_renames_no_block_grub_reads(cfg: Path, action: Action) -> None:
+    """Found by the crash-state replay (the rollback recording): the trial's start and the fallback
+    counter's reset were renames, and a cut in the checkpoint that follows them, the disk reordering
+    its writes, could show GRUB a directory entry whose inode was not yet written. Now both blocks keep
+    their inodes, written over their own bytes as GRUB's save_env writes them."""
+    ensure_counters(cfg)
+    (cfg / FALLBACK_COUNTER).write_bytes(format_envblock({"recovery_try": "1"}))
+    inodes = {name: (cfg / name).stat().st_ino for name in (TRIAL, FALLBACK_COUNTER)}
+    installer = _installer(cfg, action)
+    installer.record(installer.result(Outcome.installed))
+    assert {name: (cfg / name).stat().st_ino for name in inodes} == inodes
+    assert parse_envblock((cfg / TRIAL).read_bytes()) == {"trial_max": str(CONFIG.trial_boots)}
+    assert parse_envblock((cfg / FALLBACK_COUNTER).read_bytes()) == {}
 
 
 def test_a_rejected_rollback_says_it_could_not_roll_back(cfg: Path) -> None:
