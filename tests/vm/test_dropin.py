@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from recovery.core.envblock import format_envblock
 from tests.vm.dropin import lay_out, recovery_output
 from tests.vm.staging import INSTRUCTION, read_result, ready
 from vm.deadlines import BOOT, KERNEL, RECOVERY
@@ -55,3 +56,6 @@ def test_an_update_through_the_recovery_on_a_disk_laid_out_by_another_builder(
     # GRUB counted the install's try in the instruction and the trial boot on cfg: grub-recovery.cfg
     # found its partitions by label on this disk too.
     assert disk.read_file("cfg", "/recovery/trial") is not None
+    # This builder's cfg held an empty recovery/ only: the recovery made both blocks GRUB counts in as
+    # its install began (ensure_counters), so every later write of them went over their own bytes.
+    assert disk.read_file("cfg", "/recovery/grubenv") == format_envblock({})
