@@ -62,17 +62,23 @@ def error(status: int, line: str, kind: str = "error") -> web.Response:
     return web.json_response({"error": line, "kind": kind}, status=status)
 
 
+# How often a scheduled reboot looks at the wall clock again (Service._arm).
+RECHECK = 30.0
+
+
 class Service:
     """The daemon's only memory: which operation runs, the download's task, the reboot's timer."""
 
-    def __init__(self, ops: Operations, *, reboot: Reboot, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(self, ops: Operations, *, reboot: Reboot, clock: Callable[[], datetime] | None = None,
+                 recheck: float = RECHECK) -> None:
         self.ops = ops
         self.reboot_fn = reboot
         self.clock = clock or (lambda: datetime.now(timezone.utc))
+        self.recheck = recheck
         self.current: str | None = None
         self.task: asyncio.Task[None] | None = None
         self.stop: Stop | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.Handle | None = None
         self.closing = asyncio.Event()
 
     async def blocking(self, fn: Callable[[], T]) -> T:
@@ -112,9 +118,25 @@ class Service:
     def schedule_reboot(self, at: datetime | None) -> None:
         """Reboot at `at` (None: in a moment, once the answer is out); one timer at most."""
         self.cancel_reboot()
-        delay = 0.5 if at is None else max(0.0, (at - self.clock()).total_seconds())
-        log.info("rebooting into the recovery in %.0f s", delay)
-        self.timer = asyncio.get_running_loop().call_later(delay, lambda: asyncio.ensure_future(self._reboot()))
+        if at is None:
+            log.info("rebooting into the recovery in a moment")
+            self.timer = asyncio.get_running_loop().call_later(0.5, self._fire)
+            return
+        log.info("rebooting into the recovery at %s (in %.0f s)", at.isoformat(timespec="seconds"),
+                 max(0.0, (at - self.clock()).total_seconds()))
+        self._arm(at)
+
+    def _arm(self, at: datetime) -> None:
+        """`at` is wall-clock time, and the loop's timers are monotonic: look at the wall clock again at
+        least every `recheck` seconds, so that a clock set on the way (NTP after a boot with a wrong RTC,
+        an operator's `date`) moves the reboot to the time the operator chose, not by the jump."""
+        left = (at - self.clock()).total_seconds()
+        loop = asyncio.get_running_loop()
+        self.timer = (loop.call_later(min(left, self.recheck), self._arm, at) if left > 0
+                      else loop.call_soon(self._fire))
+
+    def _fire(self) -> None:
+        asyncio.ensure_future(self._reboot())
 
     def cancel_reboot(self) -> None:
         if self.timer is not None:
