@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from recovery.core.errors import Rejected
+from recovery.updated.sysconfig import FLEET_KNOWN, FleetConfig
 
 MiB = 1024 * 1024
 
@@ -99,6 +100,8 @@ class ImageConfig:
     daemon: Daemon = Daemon()
     signing_key: str = "signing.pem"  # the private key in key_dir that signs (DESIGN.md, "Signing keys")
     bundle_recovery: bool = False  # every release's bundle carries its own recovery OS
+    # `[fleet]` for system.toml, as given (checked by FleetConfig); empty: no fleet client configured
+    fleet: tuple[tuple[str, str | int | float | bool], ...] = ()
 
     @property
     def disk_size(self) -> int:
@@ -117,11 +120,13 @@ class ImageConfig:
 _KEYS = {
     "product", "version", "releases", "suite", "mirror", "security_mirror", "firmware", "key_dir",
     "output", "cache", "device_timeout", "partitions", "packages", "disk_size", "trial", "daemon",
-    "signing_key", "bundle_recovery",
+    "signing_key", "bundle_recovery", "fleet",
 }
 _PACKAGE_KEYS = {"system", "recovery"}
 _TRIAL_KEYS = {"boots", "time_limit", "health_timeout"}
 _DAEMON_KEYS = {"listen", "feed"}
+# Everything of system.toml's [fleet] but the device's own id (DESIGN.md "Fleets").
+_FLEET_KEYS = FLEET_KNOWN - {"controller_id"}
 
 
 def default_toml() -> dict[str, Any]:
@@ -164,11 +169,14 @@ def _overlay(defaults: dict[str, Any], user: dict[str, Any], where: str) -> dict
         raise Rejected(f"config {where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_KEYS))})")
     merged = dict(defaults)
     for key, value in user.items():
-        if key in ("partitions", "packages", "trial", "daemon"):
+        if key == "fleet" and isinstance(value, dict) and "controller_id" in value:
+            raise Rejected(f"config {where}: fleet.controller_id is one device's: leave it out (each appliance "
+                           "makes its own on cfg, or set controller_id_file)")
+        if key in ("partitions", "packages", "trial", "daemon", "fleet"):
             if not isinstance(value, dict):
                 raise Rejected(f"config {where}: [{key}] must be a table")
             known = {"partitions": set(PARTITION_NAMES), "packages": _PACKAGE_KEYS, "trial": _TRIAL_KEYS,
-                     "daemon": _DAEMON_KEYS}[key]
+                     "daemon": _DAEMON_KEYS, "fleet": _FLEET_KEYS}[key]
             bad = sorted(set(value) - known)
             if bad:
                 raise Rejected(f"config {where}: unknown key {key}.{bad[0]} (known: {', '.join(sorted(known))})")
@@ -221,7 +229,22 @@ def _parse(data: dict[str, Any], base: Path, output: Path | None) -> ImageConfig
         daemon=_daemon(data.get("daemon", {})),
         signing_key=_signing_key(data.get("signing_key", "signing.pem")),
         bundle_recovery=bundle_recovery,
+        fleet=_fleet(data.get("fleet")),
     )
+
+
+def _fleet(table: Any) -> tuple[tuple[str, str | int | float | bool], ...]:
+    """`[fleet]`, checked as the appliance will read it, kept in the order given."""
+    if table is None:
+        return ()
+    try:
+        FleetConfig.from_dict(table, "[fleet]")
+    except Rejected as e:
+        raise ValueError(str(e).removeprefix("[fleet]: ")) from None
+    for key, value in table.items():
+        if not isinstance(value, str | int | float | bool):
+            raise ValueError(f"fleet.{key} must be a string, a number or true/false")
+    return tuple(table.items())
 
 
 def _signing_key(value: Any) -> str:

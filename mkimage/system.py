@@ -5,6 +5,7 @@ installed with dpkg into the cached Debian root, which already holds the package
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -186,7 +187,25 @@ def _system_toml(config: ImageConfig) -> str:
         f"trial_time_limit = {config.trial.time_limit}\n"
         f"health_timeout = {config.trial.health_timeout}\n"
         + _daemon_toml(config)
+        + _fleet_toml(config)
     )
+
+
+def _fleet_toml(config: ImageConfig) -> str:
+    """`[fleet]` for reflash-fleet (recovery/updated/sysconfig.py), when the image config sets it; the
+    device's id is not in it (each appliance makes its own on cfg: FleetConfig.device_id)."""
+    if not config.fleet:
+        return ""
+    lines = ["\n[fleet]\n"]
+    for key, value in config.fleet:
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = json.dumps(value)  # a JSON string is a TOML basic string
+        else:
+            text = repr(value)
+        lines.append(f"{key} = {text}\n")
+    return "".join(lines)
 
 
 def _daemon_toml(config: ImageConfig) -> str:

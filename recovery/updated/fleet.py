@@ -113,7 +113,9 @@ class Fleet:
     @property
     def controller(self) -> Controller:
         if self._controller is None:
-            self._controller = Controller(self.fleet.server, self.fleet.tenant, self.fleet.controller_id,
+            device = self.fleet.device_id(self.config.product)
+            assert device is not None
+            self._controller = Controller(self.fleet.server, self.fleet.tenant, device,
                                           self.fleet.read_token(), gateway=self.fleet.gateway_token,
                                           timeout=self.fleet.timeout)
         return self._controller
@@ -422,6 +424,14 @@ class Fleet:
             log.debug("fleet: cannot write %s: %s", self.status_path, e)
 
 
+def _device(fleet: FleetConfig, config: SystemConfig) -> str:
+    try:
+        device = fleet.device_id(config.product, make=False)
+    except Rejected as e:
+        return f"no id ({e})"
+    return device or f"the id it makes in {fleet.controller_id_file} at its first contact"
+
+
 def status(config: SystemConfig, status_path: Path = STATUS) -> dict[str, Any]:
     """What `reflash-fleet status` prints: the server, the action's record and the last contact."""
     fleet = config.fleet
@@ -431,7 +441,7 @@ def status(config: SystemConfig, status_path: Path = STATUS) -> dict[str, Any]:
     except (OSError, ValueError):
         contact = None
     return {
-        "server": None if fleet is None else f"{fleet.server} tenant {fleet.tenant} as {fleet.controller_id}",
+        "server": None if fleet is None else f"{fleet.server} tenant {fleet.tenant} as {_device(fleet, config)}",
         "action": None if record is None else json.loads(record.to_json()),
         "contact": contact,
     }

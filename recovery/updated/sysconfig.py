@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from recovery.core.atomic import atomic_write
 from recovery.core.errors import Rejected
 from recovery.core.instruction import DiskSpec
 from recovery.core.osrelease import OsRelease, read_os_release
@@ -74,11 +76,17 @@ def parse_listen(value: object, source: str) -> tuple[str, int]:
     return host, int(port)
 
 
-FLEET_KNOWN = {"server", "tenant", "controller_id", "token_file", "gateway_token", "hardware", "timeout",
-               "retry_max", "progress_interval", "max_attempts"}
+FLEET_KNOWN = {"server", "tenant", "controller_id", "controller_id_file", "token_file", "gateway_token", "hardware",
+               "timeout", "retry_max", "progress_interval", "max_attempts"}
 
 
 DEFAULT_FLEET_TOKEN = Path("/cfg/reflashctl/fleet-token")
+# The device's id when system.toml names none: on cfg, so every release of this appliance keeps it.
+DEFAULT_FLEET_ID = Path("/cfg/reflashctl/fleet-controller-id")
+MACHINE_ID = Path("/etc/machine-id")
+
+
+_ONE_WORD = re.compile(r"[^\s\x00-\x1f\x7f]{1,256}")  # as fleet.* strings: one printable word
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,8 @@ class FleetConfig:
     printed or logged configuration can carry it."""
 
     server: str  # http(s)://host[:port][/prefix]
-    controller_id: str
+    controller_id: str | None = None  # None: the one in controller_id_file, made once (device_id)
+    controller_id_file: Path = DEFAULT_FLEET_ID
     tenant: str = "DEFAULT"
     token_file: Path = DEFAULT_FLEET_TOKEN
     gateway_token: bool = False  # the file holds the tenant's gateway token, not this device's target token
@@ -128,11 +137,48 @@ class FleetConfig:
         gateway = data.get("gateway_token", False)
         if not isinstance(gateway, bool):
             raise Rejected(f"{source}: fleet.gateway_token must be true or false")
-        return cls(server=server, controller_id=text("controller_id"), tenant=text("tenant", "DEFAULT"),
+        id_file = Path(text("controller_id_file", str(DEFAULT_FLEET_ID)))
+        if not id_file.is_absolute():
+            raise Rejected(f"{source}: fleet.controller_id_file must be an absolute path")
+        return cls(server=server, controller_id=text("controller_id") if "controller_id" in data else None,
+                   controller_id_file=id_file, tenant=text("tenant", "DEFAULT"),
                    token_file=token_file, gateway_token=gateway, hardware=text("hardware", "default"),
                    timeout=number("timeout", 30), retry_max=number("retry_max", 3600),
                    progress_interval=number("progress_interval", 10),
                    max_attempts=int(number("max_attempts", 10)))
+
+    def device_id(self, product: str, *, make: bool = True, machine_id: Path = MACHINE_ID) -> str | None:
+        """This device's controller id: `controller_id` when system.toml sets it, else the one word in
+        `controller_id_file`. When that file is missing it is made (with `make`) from the machine id the
+        first release booted with, as `<product>-<machine id>`, and kept: a system partition is replaced
+        by every update, and its machine id with it. None: no id yet and `make` False."""
+        if self.controller_id is not None:
+            return self.controller_id
+        try:
+            text = self.controller_id_file.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            if not make:
+                return None
+            text = ""
+        except (OSError, UnicodeDecodeError) as e:
+            raise Rejected(f"cannot read the fleet controller id {self.controller_id_file}: {e}") from None
+        else:
+            if not _ONE_WORD.fullmatch(text):
+                raise Rejected(f"the fleet controller id in {self.controller_id_file} is not one printable "
+                               "word of at most 256 characters")
+            return text
+        try:
+            machine = machine_id.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise Rejected(f"no fleet controller id: {self.controller_id_file} is missing and the machine "
+                           f"id cannot be read ({e})") from None
+        if not re.fullmatch(r"[0-9a-f]{32}", machine):
+            raise Rejected(f"no fleet controller id: {self.controller_id_file} is missing and {machine_id} "
+                           "holds no machine id")
+        made = f"{product}-{machine}"
+        self.controller_id_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.controller_id_file, (made + "\n").encode())
+        return made
 
     def read_token(self) -> str:
         """The token, from a file no one but its owner may read (else it is refused, not used)."""

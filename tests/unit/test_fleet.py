@@ -40,14 +40,17 @@ class Reboots:
         self.count += 1
 
 
-def configure(system: System, server: str, device: str, token: str, *, hardware: str = "default") -> SystemConfig:
-    """[fleet] in the system's config and the token in its root-only file on cfg."""
+def configure(system: System, server: str, device: str | None, token: str, *, hardware: str = "default") -> SystemConfig:
+    """[fleet] in the system's config and the token in its root-only file on cfg (`device` None: no
+    controller_id, the id is the one in controller_id_file on cfg, as an image built with [fleet] has)."""
     token_file = system.root / "cfg/reflashctl/fleet-token"
     token_file.parent.mkdir(parents=True, exist_ok=True)
     token_file.write_text(token + "\n")
     token_file.chmod(0o600)
+    device_line = (f'controller_id = "{device}"' if device is not None
+                   else f'controller_id_file = "{system.root / "cfg/reflashctl/fleet-controller-id"}"')
     with open(system.config_path, "a") as f:
-        f.write(f'\n[fleet]\nserver = "{server}"\ncontroller_id = "{device}"\ntoken_file = "{token_file}"\n'
+        f.write(f'\n[fleet]\nserver = "{server}"\n{device_line}\ntoken_file = "{token_file}"\n'
                 f'hardware = "{hardware}"\ntimeout = 5\nprogress_interval = 0.05\nretry_max = 60\n')
     return SystemConfig.load(system.config_path)
 
@@ -386,6 +389,22 @@ def test_status_command(system: System, tmp_path: Path, capsys: pytest.CaptureFi
     out = capsys.readouterr().out
     assert out.startswith(f"server: http://127.0.0.1:9 tenant DEFAULT as {DEVICE}\naction: none")
     assert TOKEN not in out
+
+
+def test_without_a_controller_id_the_client_is_the_device_named_on_cfg(
+        system: System, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An image built with [fleet] names no device: each appliance's id is on cfg (provisioned, or made
+    once from its first machine id: FleetConfig.device_id), and the client reports as that device."""
+    with fake_ddi() as ddi:
+        config = configure(system, ddi.url, None, TOKEN)
+        id_file = system.root / "cfg/reflashctl/fleet-controller-id"
+        assert fleet_module.main(["--config", str(system.config_path), "status"]) == 0
+        assert f"as the id it makes in {id_file} at its first contact" in capsys.readouterr().out
+        id_file.write_text(DEVICE + "\n")
+        client(config, tmp_path).cycle()
+        assert ddi.requests == [f"GET {BASE}", f"PUT {BASE}/configData"]
+    assert fleet_module.main(["--config", str(system.config_path), "status"]) == 0
+    assert capsys.readouterr().out.startswith(f"server: {ddi.url} tenant DEFAULT as {DEVICE}\n")
 
 
 def test_a_cut_between_the_instruction_and_its_record(fake: tuple[FakeDdi, Fleet], releases: Releases,
