@@ -4,9 +4,10 @@ through the recovery, and reports the verdict after the reboot; gooseBit's devic
 2.0.0 and a success. A corrupt artifact ends as a failure with the rejection's reason, nothing staged.
 
 The image needs nothing of its own: reflash-fleet is `python3 -m recovery.updated.fleet` from the
-system's recovery.updated; the test writes `[fleet]` into system.toml and the token to cfg in the guest
-(an appliance's image would carry the section and enable reflash-fleet.service), and drives the client
-with `once` instead of the unit, so that each contact is a step the test sees.
+system's recovery.updated; the test writes `[fleet]` into system.toml and the token and the device's
+id to cfg in the guest (an image built with `[fleet]` in its config carries the section, and the unit
+is enabled), and drives the client with `once` instead of the unit, so that each contact is a step the
+test sees.
 """
 
 from __future__ import annotations
@@ -41,12 +42,16 @@ def network(server: Goosebit) -> UserNetwork:
 
 
 def configure_guest(m: Machine, device: str, hardware: str) -> None:
-    """[fleet] in system.toml (the system partition: again after each install) and the token on cfg."""
-    section = (f'\\n[fleet]\\nserver = "http://{FEED_HOST}"\\ncontroller_id = "{device}"\\n'
+    """[fleet] in system.toml (the system partition: again after each install; an image built with
+    [fleet] in its config carries it) and, on cfg, the token and the device's id (no controller_id in
+    system.toml, as an image's: the client reads the id from /cfg/reflashctl/fleet-controller-id)."""
+    section = (f'\\n[fleet]\\nserver = "http://{FEED_HOST}"\\n'
                f'hardware = "{hardware}"\\nprogress_interval = 5\\n')
     code, out = m.shell(f"grep -q '^\\[fleet\\]' /etc/recovery/system.toml || printf '{section}' >> /etc/recovery/system.toml")
     assert code == 0, out
     code, out = m.shell(f"umask 077 && mkdir -p /cfg/reflashctl && printf '%s\\n' {TOKEN} > /cfg/reflashctl/fleet-token")
+    assert code == 0, out
+    code, out = m.shell(f"printf '%s\\n' {device} > /cfg/reflashctl/fleet-controller-id")
     assert code == 0, out
 
 
