@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from recovery.core.errors import Rejected
-from recovery.updated.sysconfig import FLEET_KNOWN, FleetConfig
+from recovery.core.fleetconfig import FLEET_KNOWN, FleetConfig
 
 MiB = 1024 * 1024
 

@@ -34,7 +34,8 @@ from recovery.updated.ddi import (
 from recovery.updated.fleetstate import FleetRecord, Step, Verdict, read_record, write_record
 from recovery.updated.operations import Cancelled, Operations, Stop
 from recovery.updated.servicestate import Phase
-from recovery.updated.sysconfig import FleetConfig, SystemConfig
+from recovery.core.fleetconfig import FleetConfig
+from recovery.updated.sysconfig import SystemConfig
 from recovery.updated.transfer import Interrupted, Unreachable
 from recovery.updated.updater import BUNDLE_SUFFIX, Busy, Reboot, Updater, reboot_system
 

@@ -11,7 +11,8 @@ import pytest
 from mkimage.config import load_config
 from mkimage.system import _system_toml
 from recovery.core.errors import Rejected
-from recovery.updated.sysconfig import FleetConfig, SystemConfig
+from recovery.core.fleetconfig import FleetConfig
+from recovery.updated.sysconfig import SystemConfig
 
 MACHINE = "0123456789abcdef0123456789abcdef"
 
