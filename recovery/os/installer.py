@@ -333,6 +333,6 @@ def ensure_counters(cfg: Path) -> None:
     if FALLBACK_COUNTER in missing:
         reset_fallback_counter(cfg)
     if TRIAL in missing:
-        end_trial(cfg)
-    if missing:
+        end_trial(cfg)  # checkpoints cfg's journal, with the counter made just before
+    elif missing:
         checkpoint_journal(cfg)
